@@ -1,0 +1,138 @@
+"""Training throughput, side by side on one machine: reference-style input pipeline and eager fp32
+against resattn's fast paths. Prints images/s and ratios; record results in BENCHMARKS.md.
+
+    python benchmarks/train_throughput.py --presets attention56_narrow attention92 --images 1024
+
+(a) reference: torchvision per-image PIL transforms (pad-4 random crop, flip, ToTensor,
+    Normalize) through a DataLoader, batch 64, eager fp32, NCHW — how the popular ports train;
+(b) each resattn fast path added in turn: batched uint8 tensor augmentation, channels_last,
+    bf16 autocast, and (with --compile) torch.compile.
+Every variant runs the same model (same initial weights), optimizer and image count. The data
+path alone (load + augment + normalise) is timed too, since it must never bound training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.transforms as T
+from PIL import Image
+
+from resattn import cifar10, create_model
+from resattn.data import Normalization, channel_stats, normalize, random_crop_flip, to_tensor_nchw
+from resattn.training import build_optimizer, build_scheduler, train_epoch
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "cifar-10-batches-py"
+
+
+class PilDataset(torch.utils.data.Dataset):
+    """CIFAR images as PIL images through per-image transforms, like torchvision's CIFAR10."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        return self.transform(Image.fromarray(self.images[index])), int(self.labels[index])
+
+
+def reference_loader(images, labels, norm: Normalization, batch_size: int, workers: int):
+    transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
+                           T.Normalize(norm.mean, norm.std)])
+    return torch.utils.data.DataLoader(PilDataset(images, labels, transform), batch_size=batch_size,
+                                       shuffle=True, num_workers=workers, drop_last=True)
+
+
+def time_reference(preset: str, images, labels, norm, args) -> float:
+    torch.manual_seed(0)
+    model = create_model(preset).train()
+    optimizer = build_optimizer(model, "sgd", 0.05, weight_decay=5e-4)
+    seen, started = 0, None
+    for step, (x, y) in enumerate(reference_loader(images, labels, norm, 64, args.loader_workers)):
+        if step == args.warmup_steps:
+            started, seen = time.perf_counter(), 0
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        seen += len(y)
+    return seen / (time.perf_counter() - started)
+
+
+def time_ours(preset: str, images, labels, norm, args, *, channels_last: bool, bf16: bool, compile: bool) -> float:
+    torch.manual_seed(0)
+    model = create_model(preset)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    runner = torch.compile(model) if compile else model
+    optimizer = build_optimizer(model, "sgd", 0.05, weight_decay=5e-4)
+    scheduler = build_scheduler(optimizer, total_steps=10**6, schedule="constant")
+    kwargs = dict(batch_size=args.batch_size, seed=0, channels_last=channels_last,
+                  autocast_dtype=torch.bfloat16 if bf16 else None)
+    warm = args.warmup_steps * args.batch_size
+    train_epoch(runner, optimizer, scheduler, images[:warm], labels[:warm], norm, epoch=0, **kwargs)
+    return train_epoch(runner, optimizer, scheduler, images, labels, norm, epoch=1, **kwargs).images_per_second
+
+
+def data_path_rates(images_nhwc, labels, images_nchw, norm, args) -> tuple[float, float]:
+    loader = reference_loader(images_nhwc, labels, norm, 64, args.loader_workers)
+    started = time.perf_counter()
+    count = sum(len(y) for _, y in loader)
+    reference = count / (time.perf_counter() - started)
+    generator = torch.Generator().manual_seed(0)
+    started = time.perf_counter()
+    for start in range(0, len(images_nchw), args.batch_size):
+        normalize(random_crop_flip(images_nchw[start : start + args.batch_size], generator), norm)
+    ours = len(images_nchw) / (time.perf_counter() - started)
+    return reference, ours
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="CIFAR-10 python-version folder")
+    parser.add_argument("--presets", nargs="+", default=["attention56_narrow", "attention92"])
+    parser.add_argument("--images", type=int, default=1024, help="timed training images per variant")
+    parser.add_argument("--batch-size", type=int, default=128, help="batch size of the fast paths")
+    parser.add_argument("--warmup-steps", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--loader-workers", type=int, default=0,
+                        help="DataLoader workers of the reference (0: in-process; on 2 cores workers steal the model's CPU)")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile (minutes of compilation on a CPU)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    train, _ = cifar10.load(args.data)
+    count = args.images + args.warmup_steps * max(args.batch_size, 64)
+    images_nhwc, labels_np = train.images[:count], train.labels[:count]
+    mean, std = channel_stats(train.images)
+    norm = Normalization(tuple(mean), tuple(std))
+    images, labels = to_tensor_nchw(images_nhwc), torch.from_numpy(labels_np)
+
+    print(f"# {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}, "
+          f"{args.images} timed images per variant")
+    reference_data, our_data = data_path_rates(images_nhwc, labels_np, images, norm, args)
+    print(f"data path alone: reference {reference_data:,.0f} img/s, ours {our_data:,.0f} img/s "
+          f"({our_data / reference_data:.1f}x)")
+    variants = [("batched aug, fp32", False, False, False), ("+ channels_last", True, False, False),
+                ("+ bf16 autocast", True, True, False)]
+    if args.compile:
+        variants.append(("+ torch.compile", True, True, True))
+    for preset in args.presets:
+        reference = time_reference(preset, images_nhwc, labels_np, norm, args)
+        print(f"{preset}: (a) reference {reference:.1f} img/s")
+        for name, channels_last, bf16, compile in variants:
+            rate = time_ours(preset, images, labels, norm, args, channels_last=channels_last, bf16=bf16, compile=compile)
+            print(f"{preset}: (b) {name:<18} {rate:7.1f} img/s  {rate / reference:4.2f}x (a)"
+                  f"   data path / training = {our_data / rate:,.0f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,207 @@
+"""params.yaml, validated into typed config before any expensive work starts.
+
+One source of truth: every stage and the tuner read their settings through `load_params`.
+A `profile` key picks an entry of `profiles`, deep-merged over the base settings, so switching
+to the paper's recipe is one switch (`dvc exp run -S profile=paper`).
+Errors name the key, the value and what is allowed (ConfigError, one message for all problems).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from resattn.cifar10 import OFFICIAL_URL, SOURCE_ENV_VAR
+from resattn.model import model_config
+from resattn.training import OPTIMIZERS, SCHEDULES
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class ConfigError(ValueError):
+    """params.yaml is invalid; the message lists every problem with its key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class DataConfig(Section):
+    source: str = Field(OFFICIAL_URL, min_length=1)
+    checksums: str = "official"
+    raw_dir: str = "data/raw"
+    prepared_dir: str = "data/prepared"
+    validation_size: int = Field(5000, ge=1)
+    split_seed: int = Field(0, ge=0)
+
+    def resolved_source(self) -> str:
+        """The environment override wins, for offline or air-gapped machines."""
+        return os.environ.get(SOURCE_ENV_VAR) or self.source
+
+
+class ModelSection(Section):
+    preset: str = "attention56_narrow"
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _builds(self) -> ModelSection:
+        model_config(self.preset, **self.build_kwargs())  # raises ValueError naming the bad value
+        return self
+
+    def build_kwargs(self) -> dict[str, Any]:
+        """The overrides as `create_model` takes them (YAML lists become tuples)."""
+        overrides = dict(self.overrides)
+        if isinstance(overrides.get("modules_per_stage"), list):
+            overrides["modules_per_stage"] = tuple(overrides["modules_per_stage"])
+        return overrides
+
+
+class OptimizerConfig(Section):
+    name: Literal[OPTIMIZERS] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(1e-4, ge=0)
+    decay_norm_and_bias: bool = True
+
+
+class ScheduleConfig(Section):
+    name: Literal[SCHEDULES] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0)
+    milestones: list[float] = Field(default_factory=list)
+    gamma: float = Field(0.1, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ScheduleConfig:
+        if self.name == "step" and not self.milestones:
+            raise ValueError("schedule 'step' needs milestones (epochs at which lr is multiplied by gamma)")
+        if self.milestones != sorted(self.milestones) or any(m <= 0 for m in self.milestones):
+            raise ValueError(f"milestones must be positive and increasing; got {self.milestones}")
+        if self.name == "onecycle" and self.warmup_epochs == 0:
+            raise ValueError("schedule 'onecycle' needs warmup_epochs > 0 (the rising half of the cycle)")
+        return self
+
+
+class TrainConfig(Section):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=2, description="global: split evenly across workers")
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    seed: int = Field(0, ge=0)
+    train_subset: int = Field(0, ge=0, description="0: every training image")
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    mixed_precision: bool = True
+    channels_last: bool = False
+    eval_batch_size: int = Field(500, ge=1)
+    max_failures: int = Field(2, ge=0)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> TrainConfig:
+        if self.batch_size % self.num_workers:
+            raise ValueError(
+                f"batch_size {self.batch_size} does not split evenly over num_workers "
+                f"{self.num_workers}; use a multiple of {self.num_workers}"
+            )
+        if self.batch_size // self.num_workers < 2:
+            raise ValueError("each worker needs at least 2 images per batch (batch norm)")
+        if self.schedule.milestones and self.schedule.milestones[-1] >= self.epochs:
+            raise ValueError(f"the last milestone {self.schedule.milestones[-1]} is not before epoch {self.epochs}")
+        if self.schedule.warmup_epochs >= self.epochs:
+            raise ValueError(f"warmup_epochs {self.schedule.warmup_epochs} must be below epochs {self.epochs}")
+        return self
+
+
+class EvaluateConfig(Section):
+    flip_tta: bool = True
+    batch_size: int = Field(500, ge=1)
+    mask_images: int = Field(6, ge=1, le=32)
+
+
+class MlflowConfig(Section):
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str = Field("resattn-cifar10", min_length=1)
+    registered_model: str = Field("resattn-cifar10", min_length=1)
+
+
+class RayConfig(Section):
+    address: str | None = Field(None, description="None: start a local Ray instance")
+    storage_path: str = "ray_results"
+    run_name: str = Field("train", min_length=1)
+
+
+class Params(Section):
+    profile: str = "quick-cpu"
+    profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelSection = Field(default_factory=ModelSection)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @field_validator("profiles")
+    @classmethod
+    def _profiles_are_sections(cls, profiles: dict) -> dict:
+        for name, overlay in profiles.items():
+            for key in overlay or {}:
+                if key in ("profile", "profiles"):
+                    raise ValueError(f"profile {name!r} cannot set {key!r}")
+        return profiles
+
+
+def _deep_merge(base: dict, overlay: dict) -> dict:
+    merged = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _format(error: ValidationError, source: str) -> str:
+    lines = [f"{source} is invalid:"]
+    for problem in error.errors():
+        key = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+        message = problem["msg"].removeprefix("Value error, ")
+        if problem["type"] == "extra_forbidden":
+            message = "unknown key (a typo?)"
+        given = problem.get("input")
+        shown = "" if problem["type"] in ("missing",) or isinstance(given, dict) else f" (got {given!r})"
+        lines.append(f"  {key}: {message}{shown}")
+    return "\n".join(lines)
+
+
+def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
+    """Validate a params mapping, with its profile applied."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source} must be a mapping of sections; got {type(raw).__name__}")
+    profile = raw.get("profile", "quick-cpu")
+    profiles = raw.get("profiles") or {}
+    if profile not in profiles and profile != "quick-cpu":
+        raise ConfigError(
+            f"{source} is invalid:\n  profile: unknown profile {profile!r}; defined: "
+            f"{', '.join(profiles) or 'none'}"
+        )
+    effective = _deep_merge(raw, profiles.get(profile) or {})
+    try:
+        return Params.model_validate(effective)
+    except ValidationError as error:
+        raise ConfigError(_format(error, source)) from None
+
+
+def load_params(path: Path = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None) -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path} not found; run from the project root or pass --params")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from None
+    return parse_params(_deep_merge(raw, overrides or {}), str(path))

@@ -1,0 +1,118 @@
+"""DVC stage `evaluate`: the final model on the test set, read here and nowhere else.
+
+Writes reports/evaluate.json (test and per-class accuracy), reports/confusion.csv (DVC
+confusion plot), reports/confusion.png and reports/attention_masks.png (the paper's figure:
+what each attention module looks at), and logs all of it to the training run in MLflow.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+from mlflow.tracking import MlflowClient
+
+from pipeline.common import run_stage
+from pipeline.config import Params
+from pipeline.train import MODEL_FILE, RUN_FILE, resolve_tracking_uri
+from resattn.cifar10 import CLASSES
+from resattn.data import Normalization, load_split, normalize, to_tensor_nchw, write_json
+from resattn.model import ResidualAttentionNet, create_model
+from resattn.training import confusion_matrix, evaluate
+
+REPORTS = Path("reports")
+METRICS_FILE = REPORTS / "evaluate.json"
+CONFUSION_CSV = REPORTS / "confusion.csv"
+CONFUSION_PNG = REPORTS / "confusion.png"
+MASKS_PNG = REPORTS / "attention_masks.png"
+
+
+def load_trained_model(path: Path = MODEL_FILE) -> ResidualAttentionNet:
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    model = create_model(saved["preset"], **saved["overrides"])
+    model.load_state_dict(saved["model"])
+    return model.eval()
+
+
+def plot_confusion(counts: torch.Tensor, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 6))
+    shares = counts.double() / counts.sum(1, keepdim=True).clamp_min(1)
+    ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(CLASSES)):
+        for j in range(len(CLASSES)):
+            ax.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=7,
+                    color="white" if shares[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(CLASSES)), CLASSES, rotation=45, ha="right")
+    ax.set_yticks(range(len(CLASSES)), CLASSES)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    ax.set_title("CIFAR-10 test confusion (counts; colour: share of the actual class)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_attention_masks(model: ResidualAttentionNet, images: torch.Tensor, labels: torch.Tensor,
+                         norm: Normalization, path: Path) -> None:
+    """One row per image: the image, then each module's mask averaged over channels."""
+    masks = model.attention_masks(normalize(images, norm))
+    columns = 1 + len(masks)
+    fig, axes = plt.subplots(len(images), columns, figsize=(1.6 * columns, 1.6 * len(images)), squeeze=False)
+    for row, image in enumerate(images):
+        axes[row][0].imshow(image.permute(1, 2, 0).numpy())
+        axes[row][0].set_title(CLASSES[labels[row]], fontsize=8)
+        for column, (name, mask) in enumerate(masks.items(), start=1):
+            axes[row][column].imshow(mask[row].float().mean(0).numpy(), cmap="inferno")
+            if row == 0:
+                axes[row][column].set_title(name.removeprefix("stages.").replace(".attention", " m"), fontsize=7)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.suptitle("soft attention masks M(x), mean over channels (each panel on its own scale; bright = high)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def evaluate_stage(params: Params) -> None:
+    prepared = Path(params.data.prepared_dir)
+    test = load_split(prepared / "test.npz")
+    norm = Normalization.load(prepared)
+    model = load_trained_model()
+    images, labels = to_tensor_nchw(test.images), torch.from_numpy(test.labels)
+    result = evaluate(model, images, labels, norm, batch_size=params.evaluate.batch_size,
+                      flip_tta=params.evaluate.flip_tta)
+    counts = confusion_matrix(labels, result.predictions, len(CLASSES))
+    per_class = {cls: counts[i, i].item() / max(counts[i].sum().item(), 1) for i, cls in enumerate(CLASSES)}
+    metrics = {"test_accuracy": result.accuracy, "test_loss": result.loss, "flip_tta": params.evaluate.flip_tta,
+               "per_class_accuracy": per_class}
+    REPORTS.mkdir(exist_ok=True)
+    write_json(METRICS_FILE, metrics)
+    with open(CONFUSION_CSV, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["actual", "predicted"])
+        writer.writerows((CLASSES[a], CLASSES[p]) for a, p in zip(labels.tolist(), result.predictions.tolist()))
+    plot_confusion(counts, CONFUSION_PNG)
+    # The first test image of each class, in class order, up to mask_images.
+    firsts = [int((labels == c).nonzero()[0]) for c in range(len(CLASSES)) if (labels == c).any()]
+    chosen = torch.tensor(firsts[: params.evaluate.mask_images])
+    plot_attention_masks(model, images[chosen], labels[chosen], norm, MASKS_PNG)
+
+    run = json.loads(RUN_FILE.read_text())
+    client = MlflowClient(resolve_tracking_uri(params.mlflow.tracking_uri))
+    client.log_metric(run["run_id"], "test_accuracy", result.accuracy)
+    client.log_metric(run["run_id"], "test_loss", result.loss)
+    for cls, accuracy in per_class.items():
+        client.log_metric(run["run_id"], f"test_accuracy_{cls}", accuracy)
+    for artifact in (METRICS_FILE, CONFUSION_PNG, MASKS_PNG):
+        client.log_artifact(run["run_id"], str(artifact), "evaluation")
+    print(f"test accuracy {result.accuracy:.4f}{' (flip TTA)' if params.evaluate.flip_tta else ''}")
+
+
+if __name__ == "__main__":
+    run_stage(__doc__, evaluate_stage)

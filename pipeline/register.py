@@ -1,0 +1,89 @@
+"""DVC stage `register`: log the model to MLflow, register it, and move `champion` only on
+improvement.
+
+The logged model is self-contained: it normalises its input (float images in [0, 1]), carries
+the resattn package as code, and pins its pip requirements (no slow inference of them).
+Writes reports/register.json with the version and whether it became champion.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import mlflow.pytorch
+import numpy as np
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
+from mlflow.tracking import MlflowClient
+
+import resattn
+from pipeline.common import run_stage
+from pipeline.config import Params
+from pipeline.evaluate import METRICS_FILE as EVAL_FILE, load_trained_model
+from pipeline.train import RUN_FILE, resolve_tracking_uri
+from resattn.data import Normalization, load_split, to_tensor_nchw, write_json
+from resattn.inference import NormalizedClassifier
+
+REGISTER_FILE = Path("reports/register.json")
+CHAMPION = "champion"
+TEST_ACCURACY_TAG = "test_accuracy"
+
+
+def pip_requirements() -> list[str]:
+    return [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}", "pillow"]
+
+
+def champion_accuracy(client: MlflowClient, name: str) -> tuple[str | None, float | None]:
+    try:
+        version = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None, None
+    return version.version, float(version.tags.get(TEST_ACCURACY_TAG, "nan"))
+
+
+def register(params: Params) -> None:
+    run = json.loads(RUN_FILE.read_text())
+    test_accuracy = json.loads(EVAL_FILE.read_text())["test_accuracy"]
+    tracking_uri = resolve_tracking_uri(params.mlflow.tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    name = params.mlflow.registered_model
+
+    prepared = Path(params.data.prepared_dir)
+    classifier = NormalizedClassifier(load_trained_model(), Normalization.load(prepared)).eval()
+    # A batch of two real test images: a batch of one would freeze the batch size at 1.
+    example = to_tensor_nchw(load_split(prepared / "test.npz").images[:2]).float().numpy() / 255
+    with torch.no_grad():
+        signature = infer_signature(example, classifier(torch.from_numpy(example)).numpy())
+    with mlflow.start_run(run_id=run["run_id"]):
+        info = mlflow.pytorch.log_model(
+            classifier,
+            name="model",
+            signature=signature,
+            input_example=example,
+            pip_requirements=pip_requirements(),
+            code_paths=[str(Path(resattn.__file__).parent)],
+            registered_model_name=name,
+        )
+    version = str(info.registered_model_version)
+    client.set_model_version_tag(name, version, TEST_ACCURACY_TAG, str(test_accuracy))
+
+    champion_version, best = champion_accuracy(client, name)
+    promoted = champion_version is None or not best >= test_accuracy
+    if promoted:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    write_json(REGISTER_FILE, {
+        "model": name, "version": int(version), "test_accuracy": test_accuracy, "promoted": promoted,
+        "champion_version": int(version if promoted else champion_version),
+        "champion_test_accuracy": test_accuracy if promoted else best,
+    })
+    verdict = (f"now {CHAMPION}" if promoted else
+               f"{CHAMPION} stays version {champion_version} ({best:.4f} >= {test_accuracy:.4f})")
+    print(f"registered {name} version {version} with test accuracy {test_accuracy:.4f}: {verdict}")
+
+
+if __name__ == "__main__":
+    run_stage(__doc__, register)

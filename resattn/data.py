@@ -1,0 +1,161 @@
+"""Prepared arrays, the train/validation split, and batched augmentation on tensors.
+
+The prepared dataset is three `.npz` files (uint8 NHWC images, int64 labels) plus the training
+split's per-channel mean and std. Training never touches PIL: a whole batch is padded, cropped,
+flipped and normalised as tensors, which is what lets a 2-core machine feed the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from resattn.cifar10 import CLASSES, Split
+
+SPLITS = ("train", "val", "test")
+STATS_FILE = "stats.json"
+
+
+def stratified_split(labels: np.ndarray, validation_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, validation) with the same class proportions in both, fixed by `seed`."""
+    classes, counts = np.unique(labels, return_counts=True)
+    if not 0 < validation_size < len(labels):
+        raise ValueError(f"validation_size must be between 1 and {len(labels) - 1}; got {validation_size}")
+    rng = np.random.default_rng(seed)
+    # Largest-remainder apportionment: per-class quotas that sum exactly to validation_size.
+    exact = counts * validation_size / len(labels)
+    quotas = np.floor(exact).astype(int)
+    quotas[np.argsort(-(exact - quotas), kind="stable")[: validation_size - quotas.sum()]] += 1
+    validation = []
+    for cls, quota in zip(classes, quotas):
+        members = np.flatnonzero(labels == cls)
+        validation.append(rng.choice(members, size=quota, replace=False))
+    validation = np.sort(np.concatenate(validation))
+    train = np.setdiff1d(np.arange(len(labels)), validation, assume_unique=True)
+    return train, validation
+
+
+def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 NHWC images, on the 0..1 scale."""
+    pixels = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
+    return pixels.mean(axis=0).tolist(), pixels.std(axis=0).tolist()
+
+
+def content_hash(split: Split) -> str:
+    digest = hashlib.sha256()
+    digest.update(np.ascontiguousarray(split.images).tobytes())
+    digest.update(np.ascontiguousarray(split.labels).tobytes())
+    return digest.hexdigest()
+
+
+def data_card(splits: dict[str, Split]) -> dict:
+    return {
+        name: {
+            "images": len(split),
+            "per_class": {cls: int((split.labels == i).sum()) for i, cls in enumerate(CLASSES)},
+            "sha256": content_hash(split),
+        }
+        for name, split in splits.items()
+    }
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, content) -> None:
+    _atomic_write(Path(path), lambda f: f.write((json.dumps(content, indent=2) + "\n").encode()))
+
+
+def save_split(path: Path, split: Split) -> None:
+    _atomic_write(Path(path), lambda f: np.savez(f, images=split.images, labels=split.labels))
+
+
+def load_split(path: Path) -> Split:
+    with np.load(path, allow_pickle=False) as archive:
+        return Split(archive["images"], archive["labels"])
+
+
+@dataclass(frozen=True)
+class Normalization:
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @classmethod
+    def load(cls, prepared_dir: Path) -> Normalization:
+        stats = json.loads((Path(prepared_dir) / STATS_FILE).read_text())
+        return cls(tuple(stats["mean"]), tuple(stats["std"]))
+
+
+# --------------------------------------------------------------------------------------------
+# Batches on tensors
+
+
+def to_tensor_nchw(images: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC array -> uint8 NCHW tensor, once per run rather than once per batch."""
+    return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+
+
+def normalize(images: torch.Tensor, norm: Normalization, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 NCHW -> float, standardised per channel: one fused multiply-add per pixel."""
+    scale = torch.tensor([1 / (255 * s) for s in norm.std], dtype=dtype, device=images.device).view(1, -1, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(norm.mean, norm.std)], dtype=dtype, device=images.device).view(1, -1, 1, 1)
+    return torch.addcmul(shift, images.to(dtype), scale)
+
+
+def random_crop_flip(images: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
+    """The paper's augmentation for a uint8 NCHW batch: zero-pad, random crop, random h-flip.
+
+    One gather for the whole batch instead of a Python loop over images; working on uint8
+    moves a quarter of the bytes of float.
+    """
+    n, _, height, width = images.shape
+    padded = torch.nn.functional.pad(images, (padding, padding, padding, padding))
+    dy = torch.randint(0, 2 * padding + 1, (n, 1), generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (n, 1), generator=generator)
+    flip = torch.rand(n, 1, generator=generator) < 0.5
+    rows = dy + torch.arange(height)  # (n, H)
+    cols = dx + torch.arange(width)  # (n, W)
+    cols = torch.where(flip, cols.flip(1), cols)
+    batch = torch.arange(n).view(n, 1, 1, 1)
+    channel = torch.arange(images.shape[1]).view(1, -1, 1, 1)
+    return padded[batch, channel, rows.view(n, 1, height, 1), cols.view(n, 1, 1, width)]
+
+
+def epoch_batches(
+    num_items: int,
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    rank: int = 0,
+    world_size: int = 1,
+    drop_last: bool = True,
+) -> Iterator[torch.Tensor]:
+    """This worker's index batches for one epoch: one shuffle shared by all workers, then
+    every `world_size`-th index (DistributedSampler's scheme), fixed by (seed, epoch)."""
+    order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    mine = order[rank::world_size]
+    per_worker = num_items // world_size  # equal counts on every worker, so DDP steps line up
+    mine = mine[:per_worker]
+    stop = len(mine) - len(mine) % batch_size if drop_last else len(mine)
+    for start in range(0, stop, batch_size):
+        yield mine[start : start + batch_size]

@@ -1,0 +1,222 @@
+"""The training step, evaluation and checkpoint state: plain torch, used by every runner.
+
+Runners (the Ray Train worker loop, benchmarks, tests) own the process group and the logging;
+this module owns what one epoch means. Metrics are summed across workers when a process group
+is up, so every worker sees the global figures.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from resattn.data import Normalization, epoch_batches, normalize, random_crop_flip
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("step", "cosine", "onecycle", "constant")
+
+
+def parameter_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool) -> list[dict]:
+    """Weight decay on conv and linear weights only, unless `decay_norm_and_bias` (the paper
+    decays everything; sparing BN and biases is one of the fast-training tricks)."""
+    if decay_norm_and_bias:
+        return [{"params": list(model.parameters()), "weight_decay": weight_decay}]
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        (decay if parameter.ndim > 1 else no_decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(
+    model: nn.Module,
+    name: str,
+    lr: float,
+    *,
+    momentum: float = 0.9,
+    nesterov: bool = True,
+    weight_decay: float = 0.0,
+    decay_norm_and_bias: bool = True,
+) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, weight_decay, decay_norm_and_bias)
+    # foreach: one kernel per parameter group instead of one per tensor (hundreds here).
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0, foreach=True)
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=lr, foreach=True)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, foreach=True)
+    raise ValueError(f"unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS)}")
+
+
+def lr_factor(
+    step: int,
+    total_steps: int,
+    schedule: str,
+    *,
+    warmup_steps: int = 0,
+    milestones: Iterable[int] = (),
+    gamma: float = 0.1,
+) -> float:
+    """Multiplier of the base learning rate at optimizer step `step` (0-based).
+
+    step: gamma ** (milestones passed); cosine: half a cosine to zero; onecycle: linear up
+    over the warm-up, then linear down to zero (the triangular one-cycle of fast CIFAR
+    training); constant: 1. Every schedule but onecycle may add a linear warm-up.
+    """
+    if warmup_steps and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    if schedule == "step":
+        return gamma ** sum(step >= m for m in milestones)
+    progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+    progress = min(max(progress, 0.0), 1.0)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "onecycle":
+        return 1.0 - progress
+    raise ValueError(f"unknown schedule {schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, **factor_kwargs) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, **factor_kwargs))
+
+
+@dataclass
+class EpochResult:
+    """Figures over all workers: `images` is the global count, `seconds` this worker's time."""
+
+    loss: float
+    accuracy: float
+    images: int
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / max(self.seconds, 1e-9)
+
+
+def _global_sums(*values: float, device: torch.device) -> list[float]:
+    totals = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(totals)
+    return totals.tolist()
+
+
+def train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    norm: Normalization,
+    *,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    rank: int = 0,
+    world_size: int = 1,
+    label_smoothing: float = 0.0,
+    device: torch.device = torch.device("cpu"),
+    channels_last: bool = False,
+    autocast_dtype: torch.dtype | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> EpochResult:
+    """One pass over this worker's shard: augment, forward, backward, step, per batch.
+
+    `images` is the whole uint8 NCHW training set (on CPU or already on `device`); `batch_size`
+    is per worker. The shuffle and the augmentation are fixed by (seed, epoch, rank), so a run
+    resumed at an epoch boundary replays exactly what an uninterrupted run would have done.
+    `progress`, if given, is called after every batch with this worker's images so far.
+    """
+    model.train()
+    augment_rng = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + epoch * 1_009 + rank)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    count = 0
+    started = time.perf_counter()
+    for index in epoch_batches(len(labels), batch_size, seed=seed, epoch=epoch, rank=rank, world_size=world_size):
+        batch = random_crop_flip(images[index], augment_rng)
+        x = normalize(batch.to(device, non_blocking=True), norm).contiguous(memory_format=memory_format)
+        y = labels[index].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits = model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        # Accumulate on the device: no host sync per batch.
+        loss_sum += loss.detach().double() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        count += len(y)
+        if progress is not None:
+            progress(count)
+    loss_total, correct_total, count_total = _global_sums(loss_sum.item(), correct.item(), count, device=device)
+    return EpochResult(loss_total / max(count_total, 1), correct_total / max(count_total, 1), int(count_total),
+                       time.perf_counter() - started)
+
+
+@dataclass
+class Evaluation:
+    loss: float
+    accuracy: float
+    predictions: torch.Tensor  # (N,) predicted class per image
+    probabilities: torch.Tensor  # (N, classes)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    norm: Normalization,
+    *,
+    batch_size: int = 500,
+    flip_tta: bool = False,
+    device: torch.device = torch.device("cpu"),
+    channels_last: bool = False,
+    autocast_dtype: torch.dtype | None = None,
+) -> Evaluation:
+    """Loss and accuracy over a whole split (single process); with `flip_tta`, the softmax
+    of each image and its mirror image are averaged."""
+    model.eval()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    probabilities = []
+    for start in range(0, len(labels), batch_size):
+        x = normalize(images[start : start + batch_size].to(device), norm).contiguous(memory_format=memory_format)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            probs = model(x).float().softmax(1)
+            if flip_tta:
+                probs = (probs + model(x.flip(3)).float().softmax(1)) / 2
+        probabilities.append(probs.cpu())
+    probabilities = torch.cat(probabilities)
+    predictions = probabilities.argmax(1)
+    loss = F.nll_loss(probabilities.clamp_min(1e-12).log(), labels.cpu()).item()
+    accuracy = (predictions == labels.cpu()).double().mean().item()
+    return Evaluation(loss, accuracy, predictions, probabilities)
+
+
+def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """counts[true, predicted]."""
+    flat = labels.long() * num_classes + predictions.long()
+    return torch.bincount(flat, minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside DDP or torch.compile wrappers (what checkpoints store)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model

@@ -1,0 +1,172 @@
+"""Fetching, verification, safe decoding, splitting and augmentation of CIFAR-10."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REAL_CIFAR10
+from pipeline.config import parse_params
+from pipeline.fetch import fetch as fetch_stage
+from pipeline.preprocess import preprocess
+from resattn import cifar10
+from resattn.cifar10 import DataError, fetch, load, read_md5_list
+from resattn.data import Normalization, epoch_batches, load_split, normalize, random_crop_flip, stratified_split
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir()) if parent.exists() else []
+
+
+def test_fetch_from_a_folder_verifies_and_decodes(small_cifar, tmp_path):
+    folder, md5_list = small_cifar
+    destination = fetch(str(folder), tmp_path / "raw" / "cifar-10-batches-py", read_md5_list(md5_list))
+    train, test = load(destination, read_md5_list(md5_list))
+    assert train.images.shape == (400, 32, 32, 3) and train.images.dtype == np.uint8
+    assert test.labels.shape == (100,)
+    assert leftovers(tmp_path / "raw") == ["cifar-10-batches-py"]
+
+
+def test_fetch_from_a_tarball(small_cifar, tmp_path):
+    folder, md5_list = small_cifar
+    tarball = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(tarball, "w:gz") as tar:
+        tar.add(folder, arcname="cifar-10-batches-py")
+    destination = fetch(str(tarball), tmp_path / "raw" / "x", read_md5_list(md5_list))
+    assert sorted(os.listdir(destination)) == sorted(cifar10.OFFICIAL_MD5)
+
+
+def test_checksum_mismatch_names_file_and_hashes_and_leaves_nothing(small_cifar, tmp_path):
+    folder, _ = small_cifar
+    # The official list does not match the synthetic files.
+    with pytest.raises(DataError) as error:
+        fetch(str(folder), tmp_path / "raw" / "cifar-10-batches-py")
+    message = str(error.value)
+    assert f"checksum mismatch for {folder}/data_batch_1: expected md5 c99cafc152244af753f735de768cd75f, got" in message
+    assert leftovers(tmp_path / "raw") == []
+
+
+def test_truncated_file_is_refused_before_unpickling(small_cifar, tmp_path):
+    folder, md5_list = small_cifar
+    copy = tmp_path / "copy"
+    fetch(str(folder), copy, read_md5_list(md5_list))
+    data = (copy / "data_batch_3").read_bytes()
+    (copy / "data_batch_3").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"checksum mismatch for .*data_batch_3"):
+        load(copy, read_md5_list(md5_list))
+    with pytest.raises(DataError, match="data_batch_3"):
+        fetch(str(copy), tmp_path / "raw" / "again", read_md5_list(md5_list))
+    assert leftovers(tmp_path / "raw") == []
+
+
+def test_unreachable_source_names_the_override(tmp_path):
+    with pytest.raises(DataError) as error:
+        fetch("http://127.0.0.1:9/cifar-10-python.tar.gz", tmp_path / "raw" / "c")
+    assert "RESATTN_CIFAR10_SOURCE" in str(error.value)
+    assert leftovers(tmp_path / "raw") == []
+    with pytest.raises(DataError, match="neither a URL"):
+        fetch(str(tmp_path / "nowhere"), tmp_path / "raw" / "c")
+
+
+def test_a_pickle_that_runs_code_is_never_run(small_cifar, tmp_path):
+    folder, md5_list = small_cifar
+    evil = tmp_path / "evil"
+    fetch(str(folder), evil, read_md5_list(md5_list))
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (evil / "data_batch_1").write_bytes(pickle.dumps({b"data": Exploit()}, protocol=3))
+    checksums = read_md5_list(md5_list) | {"data_batch_1": cifar10.md5_of(evil / "data_batch_1")}
+    with pytest.raises(DataError, match="is not allowed in a CIFAR-10 file"):
+        load(evil, checksums)
+    assert not marker.exists()
+
+
+def test_wrong_shapes_and_labels_are_refused(small_cifar, tmp_path):
+    folder, md5_list = small_cifar
+    bad = tmp_path / "bad"
+    fetch(str(folder), bad, read_md5_list(md5_list))
+    content = {b"data": np.zeros((4, 100), dtype=np.uint8), b"labels": [0, 1, 2, 3]}
+    (bad / "data_batch_2").write_bytes(pickle.dumps(content, protocol=3))
+    checksums = read_md5_list(md5_list) | {"data_batch_2": cifar10.md5_of(bad / "data_batch_2")}
+    with pytest.raises(DataError, match=r"shape \(N, 3072\)"):
+        load(bad, checksums)
+    content = {b"data": np.zeros((2, 3072), dtype=np.uint8), b"labels": [0, 12]}
+    (bad / "data_batch_2").write_bytes(pickle.dumps(content, protocol=3))
+    checksums["data_batch_2"] = cifar10.md5_of(bad / "data_batch_2")
+    with pytest.raises(DataError, match=r"labels must lie in 0..9"):
+        load(bad, checksums)
+
+
+@pytest.mark.skipif(not REAL_CIFAR10.is_dir(), reason="real CIFAR-10 not present beside the project")
+def test_real_cifar10_through_the_fetch_and_preprocess_stages(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RESATTN_CIFAR10_SOURCE", str(REAL_CIFAR10))
+    params = parse_params({"data": {"source": "https://unreachable.invalid/cifar.tar.gz"}})
+    fetch_stage(params)
+    preprocess(params)
+    train, val, test = (load_split(tmp_path / "data/prepared" / f"{name}.npz") for name in ("train", "val", "test"))
+    assert (len(train), len(val), len(test)) == (45_000, 5_000, 10_000)
+    assert np.bincount(test.labels).tolist() == [1000] * 10
+    assert np.bincount(val.labels).tolist() == [500] * 10
+    assert test.labels[0] == cifar10.CLASSES.index("cat")
+    card = json.loads((tmp_path / "reports/data_card.json").read_text())
+    assert card["test"]["per_class"]["cat"] == 1000
+    # No image appears in both sets (CIFAR10.md); hashes of rows make that cheap to check.
+    seen = {row.tobytes() for row in train.images.reshape(len(train), -1)}
+    assert not any(row.tobytes() in seen for row in test.images.reshape(len(test), -1))
+
+
+def test_stratified_split_is_deterministic_disjoint_and_proportional():
+    labels = np.repeat(np.arange(10), [30, 30, 30, 30, 30, 30, 30, 30, 30, 13])
+    train, val = stratified_split(labels, 50, seed=3)
+    again, _ = stratified_split(labels, 50, seed=3)
+    other, _ = stratified_split(labels, 50, seed=4)
+    assert len(val) == 50 and len(train) + len(val) == len(labels)
+    assert not set(train) & set(val)
+    assert np.array_equal(train, again) and not np.array_equal(train, other)
+    assert max(abs(np.bincount(labels[val], minlength=10) - np.bincount(labels, minlength=10) * 50 / len(labels))) < 1
+
+
+def test_random_crop_flip_takes_a_32x32_window_of_the_padded_image():
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    out = random_crop_flip(images, torch.Generator().manual_seed(0))
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
+    flips = 0
+    for original, crop in zip(padded, out):
+        windows = [original[:, y : y + 32, x : x + 32] for y in range(9) for x in range(9)]
+        plain = any(torch.equal(crop, w) for w in windows)
+        mirrored = any(torch.equal(crop, w.flip(-1)) for w in windows)
+        assert plain or mirrored
+        flips += mirrored and not plain
+    assert 15 < flips < 49  # about half are mirrored
+    again = random_crop_flip(images, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+
+
+def test_normalize_standardises_each_channel():
+    images = torch.full((2, 3, 4, 4), 128, dtype=torch.uint8)
+    norm = Normalization((0.5, 0.25, 0.0), (0.5, 0.25, 1.0))
+    out = normalize(images, norm)
+    expected = torch.tensor([(128 / 255 - 0.5) / 0.5, (128 / 255 - 0.25) / 0.25, 128 / 255])
+    torch.testing.assert_close(out[0, :, 0, 0], expected)
+
+
+def test_epoch_batches_shard_one_shuffle_across_workers():
+    shards = [list(torch.cat(list(epoch_batches(103, 10, seed=1, epoch=2, rank=r, world_size=2)))) for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) == 50  # equal step counts on every worker
+    assert not set(map(int, shards[0])) & set(map(int, shards[1]))
+    again = list(torch.cat(list(epoch_batches(103, 10, seed=1, epoch=2, rank=0, world_size=2))))
+    next_epoch = list(torch.cat(list(epoch_batches(103, 10, seed=1, epoch=3, rank=0, world_size=2))))
+    assert again == shards[0] and next_epoch != shards[0]
