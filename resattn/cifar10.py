@@ -162,7 +162,9 @@ def _download_s3(uri: str, target: Path) -> None:
 
     bucket, _, key = uri.removeprefix("s3://").partition("/")
     try:
-        client = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL_S3") or None)
+        # Endpoint and credentials come from the standard chain (AWS_ENDPOINT_URL_S3 for
+        # S3-compatible stores, AWS_* variables, ~/.aws, instance profiles).
+        client = boto3.client("s3")
         size = client.head_object(Bucket=bucket, Key=key)["ContentLength"]
         report = _progress_printer(f"downloading {uri}", size)
         done = [0]

@@ -170,3 +170,28 @@ def test_epoch_batches_shard_one_shuffle_across_workers():
     again = list(torch.cat(list(epoch_batches(103, 10, seed=1, epoch=2, rank=0, world_size=2))))
     next_epoch = list(torch.cat(list(epoch_batches(103, 10, seed=1, epoch=3, rank=0, world_size=2))))
     assert again == shards[0] and next_epoch != shards[0]
+
+
+def test_fetch_from_s3_folder_and_tarball(small_cifar, tmp_path, s3_server):
+    import boto3
+
+    folder, md5_list = small_cifar
+    checksums = read_md5_list(md5_list)
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="datasets")
+    for name in cifar10.OFFICIAL_MD5:
+        s3.upload_file(str(folder / name), "datasets", f"cifar/{name}")
+    tarball = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(tarball, "w:gz") as tar:
+        tar.add(folder, arcname="cifar-10-batches-py")
+    s3.upload_file(str(tarball), "datasets", "cifar-10-python.tar.gz")
+
+    from_prefix = fetch("s3://datasets/cifar", tmp_path / "raw" / "a", checksums)
+    from_tarball = fetch("s3://datasets/cifar-10-python.tar.gz", tmp_path / "raw" / "b", checksums)
+    for name in cifar10.OFFICIAL_MD5:
+        assert (from_prefix / name).read_bytes() == (folder / name).read_bytes()
+        assert (from_tarball / name).read_bytes() == (folder / name).read_bytes()
+
+    with pytest.raises(DataError, match=r"could not read s3://datasets/nothing-here/data_batch_1"):
+        fetch("s3://datasets/nothing-here", tmp_path / "raw" / "c", checksums)
+    assert leftovers(tmp_path / "raw") == ["a", "b"]

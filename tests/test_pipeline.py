@@ -13,14 +13,12 @@ import sys
 import time
 from pathlib import Path
 
-import mlflow
-import psutil
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from conftest import synthetic_split
+from conftest import kill_session, synthetic_split
 from resattn.cifar10 import write_cifar_format
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,16 +140,6 @@ def test_champion_moves_only_on_improvement_and_predicts_image_files(project):
     assert bad.returncode == 1 and "not-an-image.png: not a readable image" in bad.stderr
 
 
-def _kill_session(session_id: int) -> None:
-    """SIGKILL every process of the session this test started (the driver and its Ray)."""
-    for process in psutil.process_iter():
-        try:
-            if os.getsid(process.pid) == session_id:
-                process.kill()
-        except (ProcessLookupError, psutil.NoSuchProcess, PermissionError):
-            pass
-
-
 def _train_history(project: Path) -> list[dict]:
     with open(project / "reports/train_history.csv") as f:
         return list(csv.DictReader(f))
@@ -185,7 +173,7 @@ def test_an_interrupted_training_resumes_at_the_next_epoch_with_the_same_metrics
         while _recorded_epoch(project / "ray_results") == 0 and driver.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
     finally:
-        _kill_session(driver.pid)  # a crash: the driver, its Ray instance and the workers, at once
+        kill_session(driver.pid)  # a crash: the driver, its Ray instance and the workers, at once
         driver.wait(timeout=60)
     assert driver.returncode == -signal.SIGKILL, "training ended before it could be interrupted"
     done = _recorded_epoch(project / "ray_results")
