@@ -135,6 +135,53 @@ class RayConfig(Section):
     run_name: str = Field("train", min_length=1)
 
 
+class SearchDimension(Section):
+    """One searched parameter: exactly one of `choice`, `uniform` or `loguniform`."""
+
+    choice: list[Any] | None = None
+    uniform: list[float] | None = None
+    loguniform: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> SearchDimension:
+        given = [kind for kind in ("choice", "uniform", "loguniform") if getattr(self, kind) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of choice, uniform, loguniform; got {given or 'none'}")
+        if self.choice is not None and not self.choice:
+            raise ValueError("choice is empty: list at least one value")
+        for kind in ("uniform", "loguniform"):
+            bounds = getattr(self, kind)
+            if bounds is None:
+                continue
+            if len(bounds) != 2 or not bounds[0] < bounds[1]:
+                raise ValueError(f"{kind} needs [low, high] with low < high; got {bounds}")
+            if kind == "loguniform" and bounds[0] <= 0:
+                raise ValueError(f"loguniform needs low > 0; got {bounds}")
+        return self
+
+    def candidates(self) -> list[Any]:
+        """The values that bound this dimension: each choice, or the two ends of a range."""
+        return list(self.choice if self.choice is not None else (self.uniform or self.loguniform))
+
+
+class TuneSection(Section):
+    name: str = Field("sweep", min_length=1, description="rerunning the same name resumes the sweep")
+    num_samples: int = Field(8, ge=1)
+    seed: int = Field(0, ge=0)
+    max_epochs: int = Field(3, ge=1, description="ASHA's max_t and every trial's epochs")
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: int = Field(2, ge=2)
+    workers_per_trial: int = Field(1, ge=1)
+    max_concurrent_trials: int = Field(0, ge=0, description="0: as many as the cluster's resources allow")
+    space: dict[str, SearchDimension] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TuneSection:
+        if self.grace_period > self.max_epochs:
+            raise ValueError(f"grace_period {self.grace_period} exceeds max_epochs {self.max_epochs}")
+        return self
+
+
 class Params(Section):
     profile: str = "quick-cpu"
     profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)
@@ -144,6 +191,7 @@ class Params(Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    tune: TuneSection = Field(default_factory=TuneSection)
 
     @field_validator("profiles")
     @classmethod

@@ -33,7 +33,7 @@ CONFUSION_PNG = REPORTS / "confusion.png"
 MASKS_PNG = REPORTS / "attention_masks.png"
 
 
-def load_trained_model(path: Path = MODEL_FILE) -> ResidualAttentionNet:
+def load_trained_model(path: Path) -> ResidualAttentionNet:
     saved = torch.load(path, map_location="cpu", weights_only=True)
     model = create_model(saved["preset"], **saved["overrides"])
     model.load_state_dict(saved["model"])
@@ -79,39 +79,45 @@ def plot_attention_masks(model: ResidualAttentionNet, images: torch.Tensor, labe
     plt.close(fig)
 
 
-def evaluate_stage(params: Params) -> None:
+def evaluate_model(params: Params, model_path: Path, run_id: str, reports: Path) -> dict:
+    """Test-set metrics and figures for one model, written under `reports` and logged to the
+    MLflow run `run_id`. The only code that reads the test set."""
     prepared = Path(params.data.prepared_dir)
     test = load_split(prepared / "test.npz")
     norm = Normalization.load(prepared)
-    model = load_trained_model()
+    model = load_trained_model(model_path).to(memory_format=torch.channels_last)
     images, labels = to_tensor_nchw(test.images), torch.from_numpy(test.labels)
     result = evaluate(model, images, labels, norm, batch_size=params.evaluate.batch_size,
-                      flip_tta=params.evaluate.flip_tta)
+                      flip_tta=params.evaluate.flip_tta, channels_last=True)
     counts = confusion_matrix(labels, result.predictions, len(CLASSES))
     per_class = {cls: counts[i, i].item() / max(counts[i].sum().item(), 1) for i, cls in enumerate(CLASSES)}
     metrics = {"test_accuracy": result.accuracy, "test_loss": result.loss, "flip_tta": params.evaluate.flip_tta,
                "per_class_accuracy": per_class}
-    REPORTS.mkdir(exist_ok=True)
-    write_json(METRICS_FILE, metrics)
-    with open(CONFUSION_CSV, "w", newline="") as f:
+    reports.mkdir(parents=True, exist_ok=True)
+    write_json(reports / METRICS_FILE.name, metrics)
+    with open(reports / CONFUSION_CSV.name, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["actual", "predicted"])
         writer.writerows((CLASSES[a], CLASSES[p]) for a, p in zip(labels.tolist(), result.predictions.tolist()))
-    plot_confusion(counts, CONFUSION_PNG)
+    plot_confusion(counts, reports / CONFUSION_PNG.name)
     # The first test image of each class, in class order, up to mask_images.
     firsts = [int((labels == c).nonzero()[0]) for c in range(len(CLASSES)) if (labels == c).any()]
     chosen = torch.tensor(firsts[: params.evaluate.mask_images])
-    plot_attention_masks(model, images[chosen], labels[chosen], norm, MASKS_PNG)
+    plot_attention_masks(model, images[chosen], labels[chosen], norm, reports / MASKS_PNG.name)
 
-    run = json.loads(RUN_FILE.read_text())
     client = MlflowClient(resolve_tracking_uri(params.mlflow.tracking_uri))
-    client.log_metric(run["run_id"], "test_accuracy", result.accuracy)
-    client.log_metric(run["run_id"], "test_loss", result.loss)
+    client.log_metric(run_id, "test_accuracy", result.accuracy)
+    client.log_metric(run_id, "test_loss", result.loss)
     for cls, accuracy in per_class.items():
-        client.log_metric(run["run_id"], f"test_accuracy_{cls}", accuracy)
-    for artifact in (METRICS_FILE, CONFUSION_PNG, MASKS_PNG):
-        client.log_artifact(run["run_id"], str(artifact), "evaluation")
+        client.log_metric(run_id, f"test_accuracy_{cls}", accuracy)
+    for name in (METRICS_FILE.name, CONFUSION_PNG.name, MASKS_PNG.name):
+        client.log_artifact(run_id, str(reports / name), "evaluation")
     print(f"test accuracy {result.accuracy:.4f}{' (flip TTA)' if params.evaluate.flip_tta else ''}")
+    return metrics
+
+
+def evaluate_stage(params: Params) -> None:
+    evaluate_model(params, MODEL_FILE, json.loads(RUN_FILE.read_text())["run_id"], REPORTS)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import resattn
 from pipeline.common import run_stage
 from pipeline.config import Params
 from pipeline.evaluate import METRICS_FILE as EVAL_FILE, load_trained_model
-from pipeline.train import RUN_FILE, resolve_tracking_uri
+from pipeline.train import MODEL_FILE, RUN_FILE, resolve_tracking_uri
 from resattn.data import Normalization, load_split, to_tensor_nchw, write_json
 from resattn.inference import NormalizedClassifier
 
@@ -44,21 +44,22 @@ def champion_accuracy(client: MlflowClient, name: str) -> tuple[str | None, floa
     return version.version, float(version.tags.get(TEST_ACCURACY_TAG, "nan"))
 
 
-def register(params: Params) -> None:
-    run = json.loads(RUN_FILE.read_text())
-    test_accuracy = json.loads(EVAL_FILE.read_text())["test_accuracy"]
+def register_model(params: Params, model_path: Path, run_id: str, test_accuracy: float) -> dict:
+    """Log `model_path` to the MLflow run, register it, and move `champion` to it only if its
+    test accuracy beats the champion's. Returns what happened."""
     tracking_uri = resolve_tracking_uri(params.mlflow.tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
     name = params.mlflow.registered_model
 
     prepared = Path(params.data.prepared_dir)
-    classifier = NormalizedClassifier(load_trained_model(), Normalization.load(prepared)).eval()
-    # A batch of two real test images: a batch of one would freeze the batch size at 1.
-    example = to_tensor_nchw(load_split(prepared / "test.npz").images[:2]).float().numpy() / 255
+    classifier = NormalizedClassifier(load_trained_model(model_path), Normalization.load(prepared)).eval()
+    # Two validation images (the test set is evaluate's alone): a batch of one would freeze
+    # the batch size at 1.
+    example = to_tensor_nchw(load_split(prepared / "val.npz").images[:2]).float().numpy() / 255
     with torch.no_grad():
         signature = infer_signature(example, classifier(torch.from_numpy(example)).numpy())
-    with mlflow.start_run(run_id=run["run_id"]):
+    with mlflow.start_run(run_id=run_id):
         info = mlflow.pytorch.log_model(
             classifier,
             name="model",
@@ -75,14 +76,20 @@ def register(params: Params) -> None:
     promoted = champion_version is None or not best >= test_accuracy
     if promoted:
         client.set_registered_model_alias(name, CHAMPION, version)
-    write_json(REGISTER_FILE, {
-        "model": name, "version": int(version), "test_accuracy": test_accuracy, "promoted": promoted,
-        "champion_version": int(version if promoted else champion_version),
-        "champion_test_accuracy": test_accuracy if promoted else best,
-    })
     verdict = (f"now {CHAMPION}" if promoted else
                f"{CHAMPION} stays version {champion_version} ({best:.4f} >= {test_accuracy:.4f})")
     print(f"registered {name} version {version} with test accuracy {test_accuracy:.4f}: {verdict}")
+    return {
+        "model": name, "version": int(version), "test_accuracy": test_accuracy, "promoted": promoted,
+        "champion_version": int(version if promoted else champion_version),
+        "champion_test_accuracy": test_accuracy if promoted else best,
+    }
+
+
+def register(params: Params) -> None:
+    run_id = json.loads(RUN_FILE.read_text())["run_id"]
+    test_accuracy = json.loads(EVAL_FILE.read_text())["test_accuracy"]
+    write_json(REGISTER_FILE, register_model(params, MODEL_FILE, run_id, test_accuracy))
 
 
 if __name__ == "__main__":

@@ -282,6 +282,16 @@ def open_mlflow_run(params: Params, tracking_uri: str, run_name: str, state_dir:
     return run.info.run_id
 
 
+def save_model(state: dict, params: Params, path: Path) -> None:
+    """The trained weights with what rebuilds the network, written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config = create_model(params.model.preset, **params.model.build_kwargs()).config
+    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp") as tmp:
+        torch.save({"model": state["model"], "preset": params.model.preset,
+                    "overrides": params.model.build_kwargs(), "config": config.__dict__}, tmp)
+    os.replace(tmp.name, path)
+
+
 def train(params: Params) -> None:
     check_resources(params)
     prepared = Path(params.data.prepared_dir).resolve()
@@ -323,12 +333,7 @@ def train(params: Params) -> None:
     with result.checkpoint.as_directory() as directory:
         state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
 
-    MODEL_DIR.mkdir(parents=True, exist_ok=True)
-    model_config = create_model(params.model.preset, **params.model.build_kwargs()).config
-    with tempfile.NamedTemporaryFile(dir=MODEL_DIR, delete=False, suffix=".tmp") as tmp:
-        torch.save({"model": state["model"], "preset": params.model.preset,
-                    "overrides": params.model.build_kwargs(), "config": model_config.__dict__}, tmp)
-    os.replace(tmp.name, MODEL_FILE)
+    save_model(state, params, MODEL_FILE)
     history = state["history"]
     HISTORY_FILE.parent.mkdir(parents=True, exist_ok=True)
     with open(HISTORY_FILE, "w", newline="") as f:

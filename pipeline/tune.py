@@ -1,0 +1,369 @@
+"""Ray Tune search over the network's p/t/r, depth presets and learning-rate schedules.
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python pipeline/tune.py --root $PWD
+    python pipeline/tune.py [--params params.yaml]        # same sweep, on a Ray it starts itself
+
+The `tune` section of params.yaml gives the sweep: dotted parameter paths (`train.optimizer.lr`,
+`model.overrides.r`, ...) with their ranges, seeded TPE search (Optuna) and ASHA early stopping
+on validation accuracy. Each trial is a data-parallel Ray Train run of the pipeline's own worker
+loop, logged as an MLflow child run of the sweep's parent run. At the end, only the best trial
+is evaluated on the test set, registered, and made champion if it beats the current one.
+
+Sweeps live beside the DVC DAG, not in it: they are exploratory and long. The sweep writes the
+best overlay to reports/tune/<name>/best_params.yaml and prints the `dvc exp run -S ...` line
+that reproduces it through the pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # `python pipeline/tune.py`, as `ray job submit` runs it
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import mlflow
+import optuna
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+from pydantic import BaseModel
+from ray import tune
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from pipeline.config import DEFAULT_PARAMS, ConfigError, Params, _deep_merge, load_params, parse_params
+from pipeline.evaluate import evaluate_model
+from pipeline.register import register_model
+from pipeline.train import STATE_FILE, flatten, git_commit, resolve_tracking_uri, save_model, train_loop_per_worker
+from resattn.cifar10 import DataError
+from resattn.model import CONFIG_FIELDS
+
+METRIC = "val_accuracy"
+SEARCHABLE_SECTIONS = ("model", "train")
+
+
+# --------------------------------------------------------------------------------------------
+# The search space
+
+
+def overlay_for(key: str, value: Any) -> dict:
+    """`train.optimizer.lr`, 0.1 -> {"train": {"optimizer": {"lr": 0.1}}}."""
+    nested: Any = value
+    for part in reversed(key.split(".")):
+        nested = {part: nested}
+    return nested
+
+
+def check_path(key: str) -> None:
+    """Raise ConfigError unless `key` names a searchable parameter."""
+    parts = key.split(".")
+    if parts[0] not in SEARCHABLE_SECTIONS:
+        raise ConfigError(f"tune.space.{key}: only {' and '.join(SEARCHABLE_SECTIONS)} parameters can be searched")
+    if parts[:2] == ["model", "overrides"]:
+        if len(parts) != 3 or parts[2] not in CONFIG_FIELDS:
+            raise ConfigError(f"tune.space.{key}: unknown model override; valid ones: {', '.join(CONFIG_FIELDS)}")
+        return
+    model: type[BaseModel] = Params
+    for depth, part in enumerate(parts):
+        fields = model.model_fields
+        if part not in fields:
+            where = ".".join(parts[:depth]) or "params"
+            raise ConfigError(f"tune.space.{key}: {where} has no parameter {part!r}; it has {', '.join(fields)}")
+        annotation = fields[part].annotation
+        if depth < len(parts) - 1:
+            if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+                raise ConfigError(f"tune.space.{key}: {'.'.join(parts[: depth + 1])} is not a section")
+            model = annotation
+
+
+def trial_raw(raw: dict, sampled: dict[str, Any], max_epochs: int) -> dict:
+    """The params of one trial: the base params, every trial at the sweep's epoch budget,
+    then the sampled values."""
+    merged = _deep_merge(raw, {"train": {"epochs": max_epochs}})
+    for key, value in sampled.items():
+        merged = _deep_merge(merged, overlay_for(key, value))
+    return merged
+
+
+def validate_space(raw: dict, params: Params) -> None:
+    """Fail before any trial starts: every path must exist and every choice and bound must make
+    valid params on its own."""
+    if not params.tune.space:
+        raise ConfigError("tune.space is empty: give at least one parameter to search")
+    problems = []
+    for key, dimension in params.tune.space.items():
+        check_path(key)
+        for value in dimension.candidates():
+            try:
+                parse_params(trial_raw(raw, {key: value}, params.tune.max_epochs), "the trial params")
+            except ConfigError as error:
+                detail = str(error).split("\n", 1)[-1].strip()
+                problems.append(f"tune.space.{key}: value {value!r} gives invalid params: {detail}")
+    if problems:
+        raise ConfigError("the search space is invalid:\n  " + "\n  ".join(problems))
+
+
+def param_space(params: Params) -> dict[str, Any]:
+    space = {}
+    for key, dimension in params.tune.space.items():
+        if dimension.choice is not None:
+            space[key] = tune.choice(dimension.choice)
+        elif dimension.uniform is not None:
+            space[key] = tune.uniform(*dimension.uniform)
+        else:
+            space[key] = tune.loguniform(*dimension.loguniform)
+    return space
+
+
+# --------------------------------------------------------------------------------------------
+# MLflow runs: one parent per sweep, one child per trial, found again on resume by their tags
+
+
+def sweep_parent_run(client: MlflowClient, params: Params) -> str:
+    experiment = mlflow.set_experiment(params.mlflow.experiment)
+    found = client.search_runs([experiment.experiment_id], f"tags.sweep = '{params.tune.name}' and tags.role = 'sweep'")
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(experiment.experiment_id, run_name=f"sweep {params.tune.name}",
+                            tags={"sweep": params.tune.name, "role": "sweep", "git_commit": git_commit()})
+    client.log_batch(run.info.run_id, params=[mlflow.entities.Param(f"tune.{k}", v[:6000]) for k, v in
+                                              flatten("", params.tune.model_dump()).items()])
+    return run.info.run_id
+
+
+def trial_run_id(client: MlflowClient, experiment_id: str, parent_id: str, trial_id: str) -> str | None:
+    found = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.trial_id = '{trial_id}'")
+    return found[0].info.run_id if found else None
+
+
+def trial_child_run(client: MlflowClient, experiment_id: str, parent_id: str, trial_id: str, params: Params,
+                    sampled: dict) -> str:
+    if existing := trial_run_id(client, experiment_id, parent_id, trial_id):
+        return existing
+    run = client.create_run(experiment_id, run_name=f"trial {trial_id}",
+                            tags={"mlflow.parentRunId": parent_id, "trial_id": trial_id, "role": "trial",
+                                  "seed": str(params.train.seed)})
+    logged = flatten("", params.model_dump(exclude={"profiles", "tune"}))
+    logged.update({f"searched.{k}": str(v) for k, v in sampled.items()})
+    client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v[:6000]) for k, v in logged.items()])
+    return run.info.run_id
+
+
+# --------------------------------------------------------------------------------------------
+# One trial: a Ray Train run of the pipeline's worker loop, reporting to Tune
+
+
+def run_trial(sampled: dict, *, raw: dict, context: dict) -> None:
+    params = parse_params(trial_raw(raw, sampled, context["max_epochs"]), "the trial params")
+    trial_id = tune.get_context().get_trial_id()
+    client = MlflowClient(context["tracking_uri"])
+    run_id = trial_child_run(client, context["experiment_id"], context["parent_run_id"], trial_id, params, sampled)
+    trainer = ray.train.torch.TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"params": params.model_dump(), "prepared_dir": context["prepared_dir"],
+                           "tracking_uri": context["tracking_uri"], "run_id": run_id},
+        scaling_config=ray.train.ScalingConfig(num_workers=context["workers"], use_gpu=params.train.use_gpu),
+        run_config=ray.train.RunConfig(
+            # Derived from the trial id, so a restored sweep resumes this very Train run.
+            name=f"{context['sweep']}-{trial_id}",
+            storage_path=context["storage_path"],
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            failure_config=ray.train.FailureConfig(max_failures=params.train.max_failures),
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    trainer.fit()
+
+
+# --------------------------------------------------------------------------------------------
+# Reading the results
+
+
+def trial_table(results: tune.ResultGrid, keys: list[str], max_epochs: int) -> list[dict]:
+    rows = []
+    for result in results:
+        metrics = result.metrics or {}
+        epochs = int(metrics.get("epoch", 0))
+        rows.append({
+            "trial": metrics.get("trial_id", "?"),
+            **{key: result.config.get(key) for key in keys},
+            "epochs": epochs,
+            METRIC: metrics.get(METRIC),
+            "stopped_early": bool(result.error is None and epochs < max_epochs),
+            "status": "error" if result.error else "done",
+        })
+    return sorted(rows, key=lambda row: -(row[METRIC] or -1.0))
+
+
+def format_table(rows: list[dict]) -> str:
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return "—" if value is None else str(value)
+
+    header = list(rows[0])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(row[key]) for key in header) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def plot_results(rows: list[dict], keys: list[str], path: Path) -> None:
+    """Validation accuracy against each searched parameter; hollow markers: stopped by ASHA."""
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3), squeeze=False, sharey=True)
+    for ax, key in zip(axes[0], keys):
+        for row in rows:
+            if row[METRIC] is None:
+                continue
+            value = row[key]
+            x = value if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+            ax.scatter([x], [row[METRIC]], facecolors="none" if row["stopped_early"] else "C0", edgecolors="C0")
+        if key.endswith(("lr", "weight_decay")):
+            ax.set_xscale("log")
+        ax.set_xlabel(key, fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0][0].set_ylabel("validation accuracy (last epoch)")
+    fig.suptitle("sweep trials (hollow: stopped early by ASHA)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# The driver
+
+
+def sweep(params: Params, raw: dict) -> dict:
+    validate_space(raw, params)
+    settings = params.tune
+    prepared = Path(params.data.prepared_dir).resolve()
+    if not (prepared / "train.npz").is_file():
+        raise ConfigError(f"{prepared} has no train.npz; run `dvc repro preprocess` first (sweeps reuse its arrays)")
+    tracking_uri = resolve_tracking_uri(params.mlflow.tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    parent_id = sweep_parent_run(client, params)
+    experiment_id = client.get_run(parent_id).info.experiment_id
+    storage_path = params.ray.storage_path
+    if "://" not in storage_path:
+        storage_path = str(Path(storage_path).resolve())
+
+    if not ray.is_initialized():
+        ray.init(address=params.ray.address,
+                 runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+                 **({} if params.ray.address else {"dashboard_host": "127.0.0.1"}))
+    context = {"max_epochs": settings.max_epochs, "tracking_uri": tracking_uri, "experiment_id": experiment_id,
+               "parent_run_id": parent_id, "prepared_dir": str(prepared), "workers": settings.workers_per_trial,
+               "sweep": settings.name, "storage_path": storage_path}
+    # The trial function only launches and waits: its Train workers hold the CPUs and GPUs.
+    trainable = tune.with_resources(tune.with_parameters(run_trial, raw=raw, context=context),
+                                    {"cpu": 0, "memory": 64 * 1024**2})
+    experiment_path = f"{storage_path.rstrip('/')}/{settings.name}"
+    if tune.Tuner.can_restore(experiment_path):
+        print(f"resuming sweep {settings.name} from {experiment_path}", flush=True)
+        tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space(params),
+            tune_config=tune.TuneConfig(
+                metric=METRIC,
+                mode="max",
+                num_samples=settings.num_samples,
+                max_concurrent_trials=settings.max_concurrent_trials or None,
+                search_alg=OptunaSearch(sampler=optuna.samplers.TPESampler(seed=settings.seed)),
+                scheduler=ASHAScheduler(time_attr="training_iteration", max_t=settings.max_epochs,
+                                        grace_period=settings.grace_period,
+                                        reduction_factor=settings.reduction_factor),
+            ),
+            run_config=tune.RunConfig(name=settings.name, storage_path=storage_path),
+        )
+    results = tuner.fit()
+
+    keys = list(settings.space)
+    rows = trial_table(results, keys, settings.max_epochs)
+    reports = Path("reports/tune") / settings.name
+    reports.mkdir(parents=True, exist_ok=True)
+    table = format_table(rows)
+    (reports / "trials.md").write_text(table + "\n")
+    with open(reports / "trials.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plot_results(rows, keys, reports / "val_accuracy_vs_params.png")
+    print(table)
+
+    best = results.get_best_result(metric=METRIC, mode="max", scope="last")
+    best_sampled = {key: best.config[key] for key in keys}
+    best_params = parse_params(trial_raw(raw, best_sampled, settings.max_epochs), "the best trial's params")
+    best_id = best.metrics["trial_id"]
+    best_run_id = trial_run_id(client, experiment_id, parent_id, best_id)
+    state = torch.load(Path(best.metrics[CHECKPOINT_PATH_KEY]) / STATE_FILE, map_location="cpu", weights_only=True)
+    model_path = reports / "model.pt"
+    save_model(state, best_params, model_path)
+    evaluation = evaluate_model(best_params, model_path, best_run_id, reports)
+    registration = register_model(best_params, model_path, best_run_id, evaluation["test_accuracy"])
+
+    overlay: dict = {}
+    for key, value in best_sampled.items():
+        overlay = _deep_merge(overlay, overlay_for(key, value))
+    overlay = _deep_merge(overlay, {"train": {"epochs": settings.max_epochs}})
+    (reports / "best_params.yaml").write_text(yaml.safe_dump(overlay, sort_keys=False))
+    summary = {"best_trial": best_id, METRIC: best.metrics[METRIC], "test_accuracy":
+               evaluation["test_accuracy"], "trials": len(rows), "stopped_early": sum(r["stopped_early"] for r in rows),
+               "registered_version": registration["version"], "promoted": registration["promoted"],
+               "best_params": best_sampled}
+    (reports / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    for name in ("trials.md", "trials.csv", "val_accuracy_vs_params.png", "best_params.yaml", "summary.json"):
+        client.log_artifact(parent_id, str(reports / name), "sweep")
+    client.log_metric(parent_id, f"best_{METRIC}", best.metrics[METRIC])
+    client.log_metric(parent_id, "best_test_accuracy", evaluation["test_accuracy"])
+    client.set_tag(parent_id, "best_trial", best_id)
+    for key, value in best_sampled.items():
+        client.set_tag(parent_id, f"best.{key}", str(value))
+    for row in rows:
+        if run_id := trial_run_id(client, experiment_id, parent_id, row["trial"]):
+            client.set_tag(run_id, "stopped_early", str(row["stopped_early"]).lower())
+    settings_line = " ".join(f"-S {key}={value}" for key, value in flatten("", overlay).items())
+    print(f"best trial {summary['best_trial']}: {METRIC} {best.metrics[METRIC]:.4f}, test accuracy "
+          f"{evaluation['test_accuracy']:.4f}; reproduce through the pipeline with:\n  dvc exp run {settings_line}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="relative to --root")
+    parser.add_argument("--root", type=Path, help="project directory that relative paths in params refer to "
+                        "(default: the current one). A Ray job runs in an uploaded copy of the code without the "
+                        "data: on this machine's cluster pass --root $PWD; on a remote one use s3:// paths")
+    args = parser.parse_args(argv)
+    if args.root:
+        if not args.root.is_dir():
+            print(f"error: --root {args.root} is not a directory on this node", file=sys.stderr)
+            raise SystemExit(1)
+        os.chdir(args.root)
+    try:
+        params = load_params(args.params)
+        raw = yaml.safe_load(args.params.read_text())
+        raw = _deep_merge(raw, (raw.get("profiles") or {}).get(raw.get("profile", "quick-cpu")) or {})
+        sweep(params, raw)
+    except (ConfigError, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""Ray Tune sweeps: the search space is checked before any trial, a tiny sweep runs for real
+(ASHA, MLflow parent/child runs, the registry), an interrupted sweep resumes, and the sweep
+runs as a Ray job on a `ray start --head` cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from conftest import free_port, kill_session, session_processes, synthetic_split
+from pipeline.config import ConfigError, parse_params
+from pipeline.fetch import fetch as fetch_stage
+from pipeline.preprocess import preprocess
+from pipeline.tune import validate_space
+from resattn.cifar10 import write_cifar_format
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def shipped() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def check(space: dict) -> None:
+    raw = shipped()
+    raw["tune"]["space"] = space
+    validate_space(raw, parse_params(raw))
+
+
+def test_the_shipped_search_space_is_valid():
+    raw = shipped()
+    validate_space(raw, parse_params(raw))
+
+
+@pytest.mark.parametrize(
+    ("space", "expected"),
+    [
+        ({}, "tune.space is empty"),
+        ({"train.optimizer.lr": {"choice": []}}, "tune.space.train.optimizer.lr: choice is empty"),
+        ({"train.optimizer.lr": {"loguniform": [0.4, 0.02]}}, "loguniform needs [low, high] with low < high; got [0.4, 0.02]"),
+        ({"train.optimizer.lr": {"loguniform": [0.0, 0.1]}}, "loguniform needs low > 0"),
+        ({"train.optimizer.lr": {"uniform": [0.1, 0.2], "choice": [0.1]}}, "give exactly one of choice, uniform, loguniform"),
+        ({"train.optimiser.lr": {"choice": [0.1]}}, "tune.space.train.optimiser.lr: train has no parameter 'optimiser'"),
+        ({"model.overrides.depth": {"choice": [56]}}, "tune.space.model.overrides.depth: unknown model override"),
+        ({"data.split_seed": {"choice": [1, 2]}}, "only model and train parameters can be searched"),
+        ({"train.schedule.name": {"choice": ["cosine", "cosin"]}}, "tune.space.train.schedule.name: value 'cosin' gives invalid params"),
+        ({"model.overrides.r": {"choice": [1, 0]}}, "tune.space.model.overrides.r: value 0 gives invalid params"),
+    ],
+)
+def test_bad_search_spaces_fail_before_any_trial(space, expected):
+    with pytest.raises(ConfigError) as error:
+        check(space)
+    assert expected in str(error.value)
+
+
+# --------------------------------------------------------------------------------------------
+# Real sweeps on a local Ray instance
+
+
+def stage_env() -> dict[str, str]:
+    return os.environ | {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def sweep_project(tmp_path_factory) -> Path:
+    """A directory with prepared small CIFAR-format data and a tiny sweep's params, all paths
+    absolute so a Ray job's working directory can use them too."""
+    root = tmp_path_factory.mktemp("sweep")
+    source = root / "source" / "cifar-10-batches-py"
+    checksums = write_cifar_format(source, synthetic_split(300, 0), synthetic_split(100, 1))
+    (root / "small.md5").write_text("".join(f"{digest}  {name}\n" for name, digest in checksums.items()))
+    raw = shipped()
+    raw["data"] |= {"source": str(source), "checksums": str(root / "small.md5"), "validation_size": 60,
+                    "raw_dir": str(root / "data/raw"), "prepared_dir": str(root / "data/prepared")}
+    raw["model"] = {"preset": "attention56_tiny", "overrides": {}}
+    raw["train"] |= {"batch_size": 32, "num_workers": 1, "eval_batch_size": 100}
+    raw["train"]["schedule"] = {"name": "onecycle", "warmup_epochs": 0.5}
+    raw["evaluate"] |= {"mask_images": 2, "batch_size": 50}
+    raw["mlflow"]["tracking_uri"] = f"sqlite:///{root / 'mlflow.db'}"
+    raw["ray"]["storage_path"] = str(root / "ray_results")
+    # One trial at a time: the trial order, and so ASHA's decisions, are fixed by the seed.
+    raw["tune"] = {"name": "tiny", "num_samples": 4, "seed": 0, "max_epochs": 3, "grace_period": 1,
+                   "reduction_factor": 2, "workers_per_trial": 1, "max_concurrent_trials": 1,
+                   "space": {"train.optimizer.lr": {"loguniform": [1e-5, 0.3]}, "model.overrides.r": {"choice": [1, 2]}}}
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    params = parse_params(raw)
+    fetch_stage(params)
+    preprocess(params)
+    return root
+
+
+def run_sweep(project: Path, params_file: str = "params.yaml") -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, str(ROOT / "pipeline" / "tune.py"), "--params", params_file],
+                            cwd=project, env=stage_env(), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+@pytest.mark.slow
+def test_a_tiny_sweep_stops_trials_early_and_registers_the_best(sweep_project):
+    out = run_sweep(sweep_project).stdout
+    summary = json.loads((sweep_project / "reports/tune/tiny/summary.json").read_text())
+    assert summary["trials"] == 4
+    assert summary["stopped_early"] >= 1
+    assert "dvc exp run -S" in out and "| trial |" in out
+
+    client = MlflowClient(f"sqlite:///{sweep_project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("resattn-cifar10")
+    parents = client.search_runs([experiment.experiment_id], "tags.role = 'sweep' and tags.sweep = 'tiny'")
+    assert len(parents) == 1
+    parent = parents[0]
+    children = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(children) == 4
+    assert all("searched.train.optimizer.lr" in child.data.params for child in children)
+    stopped = [child for child in children if child.data.tags.get("stopped_early") == "true"]
+    assert len(stopped) == summary["stopped_early"]
+    for child in children:
+        epochs = [m.step for m in client.get_metric_history(child.info.run_id, "val_accuracy")]
+        assert epochs == list(range(1, len(epochs) + 1))
+    best_child = next(c for c in children if c.data.tags["trial_id"] == summary["best_trial"])
+    assert parent.data.tags["best_trial"] == summary["best_trial"]
+    assert best_child.data.metrics["val_accuracy"] == max(c.data.metrics["val_accuracy"] for c in children
+                                                         if c.data.tags.get("stopped_early") == "false")
+    assert "test_accuracy" in best_child.data.metrics
+    assert sum("test_accuracy" in c.data.metrics for c in children) == 1  # the test set, once
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")}
+    assert {"sweep/trials.md", "sweep/val_accuracy_vs_params.png"} <= artifacts
+
+    version = client.get_model_version("resattn-cifar10", str(summary["registered_version"]))
+    assert version.run_id == best_child.info.run_id
+    champion = client.get_model_version_by_alias("resattn-cifar10", "champion")
+    assert champion.run_id == best_child.info.run_id  # the first model registered here
+
+
+def _finished_trials(experiment: Path) -> int:
+    done = 0
+    for result in experiment.glob("run_trial_*/result.json"):
+        lines = result.read_text().strip().splitlines()
+        done += bool(lines) and json.loads(lines[-1]).get("done", False)
+    return done
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_finishes_on_restore_without_rerunning_finished_trials(sweep_project):
+    raw = yaml.safe_load((sweep_project / "params.yaml").read_text())
+    raw["tune"]["name"] = "interrupted"
+    (sweep_project / "interrupted.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    driver = subprocess.Popen([sys.executable, str(ROOT / "pipeline" / "tune.py"), "--params", "interrupted.yaml"],
+                              cwd=sweep_project, env=stage_env(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    experiment = sweep_project / "ray_results" / "interrupted"
+    try:
+        deadline = time.monotonic() + 600
+        while _finished_trials(experiment) < 2 and driver.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:
+        kill_session(driver.pid)
+        driver.wait(timeout=60)
+    assert driver.returncode == -signal.SIGKILL, "the sweep ended before it could be interrupted"
+    finished_before = _finished_trials(experiment)
+    assert 2 <= finished_before < 4
+
+    out = run_sweep(sweep_project, "interrupted.yaml").stdout
+    assert "resuming sweep interrupted" in out
+    summary = json.loads((sweep_project / "reports/tune/interrupted/summary.json").read_text())
+    assert summary["trials"] == 4
+    client = MlflowClient(f"sqlite:///{sweep_project / 'mlflow.db'}")
+    experiment_id = client.get_experiment_by_name("resattn-cifar10").experiment_id
+    parent = client.search_runs([experiment_id], "tags.role = 'sweep' and tags.sweep = 'interrupted'")[0]
+    children = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(children) == 4  # no trial was started twice
+    for child in children:
+        # A rerun trial would log its epochs a second time.
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_accuracy")]
+        assert len(steps) == len(set(steps)), (child.data.tags["trial_id"], steps)
+
+
+@pytest.mark.slow
+def test_the_sweep_runs_as_a_ray_job_on_a_ray_start_cluster(sweep_project, tmp_path):
+    raw = yaml.safe_load((sweep_project / "params.yaml").read_text())
+    raw["tune"] |= {"name": "as-job", "num_samples": 2, "max_epochs": 1}
+    raw["ray"]["address"] = "auto"
+    raw["data"] |= {"prepared_dir": "data/prepared"}  # relative: found through --root
+    (sweep_project / "as-job.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    job_dir = tmp_path / "job"  # the code alone, as a working dir uploaded to a cluster
+    job_dir.mkdir()
+    for package in ("pipeline", "resattn"):
+        subprocess.run(["cp", "-r", str(ROOT / package), str(job_dir / package)], check=True)
+    gcs_port, dashboard_port = free_port(), free_port()
+    # Ray's socket paths must stay under 107 bytes: pytest's tmp_path is too deep for them.
+    ray_temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    # Ray 2.60 clusters require an auth token (kept in ~/.ray/auth_token by `ray start`); the
+    # CLI sends it only in token mode.
+    env = stage_env() | {"RAY_ADDRESS": f"127.0.0.1:{gcs_port}", "RAY_AUTH_MODE": "token"}
+    head = subprocess.Popen(
+        ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--num-cpus=2",
+         f"--temp-dir={ray_temp}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        address = f"http://127.0.0.1:{dashboard_port}"
+        deadline = time.monotonic() + 120
+        while subprocess.run(["ray", "job", "list", "--address", address], env=env, capture_output=True).returncode:
+            assert time.monotonic() < deadline and head.poll() is None, "the Ray head did not come up"
+            time.sleep(1)
+        excludes = json.dumps({"excludes": [".venv", "data", "mlruns", "mlflow.db", "ray_results", ".git", ".dvc/cache"]})
+        submitted = subprocess.run(
+            ["ray", "job", "submit", "--address", address, "--working-dir", str(job_dir),
+             "--runtime-env-json", excludes, "--", "python", "pipeline/tune.py",
+             "--root", str(sweep_project), "--params", "as-job.yaml"],
+            env=env, capture_output=True, text=True, timeout=900)
+        assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
+        assert "succeeded" in submitted.stdout.lower()
+        client = MlflowClient(f"sqlite:///{sweep_project / 'mlflow.db'}")
+        experiment_id = client.get_experiment_by_name("resattn-cifar10").experiment_id
+        parent = client.search_runs([experiment_id], "tags.role = 'sweep' and tags.sweep = 'as-job'")
+        assert len(parent) == 1
+        assert len(client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent[0].info.run_id}'")) == 2
+    finally:
+        kill_session(head.pid)
+        head.wait(timeout=60)
+        shutil.rmtree(ray_temp, ignore_errors=True)
+    assert not session_processes(head.pid)
+
