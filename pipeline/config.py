@@ -169,6 +169,7 @@ class TuneSection(Section):
     num_samples: int = Field(8, ge=1)
     seed: int = Field(0, ge=0)
     max_epochs: int = Field(3, ge=1, description="ASHA's max_t and every trial's epochs")
+    early_stopping: bool = Field(True, description="ASHA; false runs every trial to max_epochs")
     grace_period: int = Field(1, ge=1)
     reduction_factor: int = Field(2, ge=2)
     workers_per_trial: int = Field(1, ge=1)

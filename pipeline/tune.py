@@ -42,7 +42,7 @@ from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
 from ray import tune
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
-from ray.tune.schedulers import ASHAScheduler
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from pipeline.config import DEFAULT_PARAMS, ConfigError, Params, _deep_merge, load_params, parse_params
@@ -287,7 +287,8 @@ def sweep(params: Params, raw: dict) -> dict:
                 search_alg=OptunaSearch(sampler=optuna.samplers.TPESampler(seed=settings.seed)),
                 scheduler=ASHAScheduler(time_attr="training_iteration", max_t=settings.max_epochs,
                                         grace_period=settings.grace_period,
-                                        reduction_factor=settings.reduction_factor),
+                                        reduction_factor=settings.reduction_factor)
+                if settings.early_stopping else FIFOScheduler(),
             ),
             run_config=tune.RunConfig(name=settings.name, storage_path=storage_path),
         )
@@ -324,6 +325,7 @@ def sweep(params: Params, raw: dict) -> dict:
     (reports / "best_params.yaml").write_text(yaml.safe_dump(overlay, sort_keys=False))
     summary = {"best_trial": best_id, METRIC: best.metrics[METRIC], "test_accuracy":
                evaluation["test_accuracy"], "trials": len(rows), "stopped_early": sum(r["stopped_early"] for r in rows),
+               "trial_epochs": sum(r["epochs"] for r in rows),
                "registered_version": registration["version"], "promoted": registration["promoted"],
                "best_params": best_sampled}
     (reports / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -30,6 +30,7 @@ def stage_env() -> dict[str, str]:
     env = os.environ | {
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
         "PYTHONUNBUFFERED": "1",
+        "DVC_NO_ANALYTICS": "1",
         # A test run lasts seconds: sample system metrics every second instead of every 10.
         "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1",
         "MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING": "1",

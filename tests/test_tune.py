@@ -20,8 +20,6 @@ from mlflow.tracking import MlflowClient
 
 from conftest import free_port, kill_session, session_processes, synthetic_split
 from pipeline.config import ConfigError, parse_params
-from pipeline.fetch import fetch as fetch_stage
-from pipeline.preprocess import preprocess
 from pipeline.tune import validate_space
 from resattn.cifar10 import write_cifar_format
 
@@ -95,9 +93,9 @@ def sweep_project(tmp_path_factory) -> Path:
                    "reduction_factor": 2, "workers_per_trial": 1, "max_concurrent_trials": 1,
                    "space": {"train.optimizer.lr": {"loguniform": [1e-5, 0.3]}, "model.overrides.r": {"choice": [1, 2]}}}
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    params = parse_params(raw)
-    fetch_stage(params)
-    preprocess(params)
+    for stage in ("fetch", "preprocess"):  # as a user runs them, in the project directory
+        subprocess.run([sys.executable, "-m", f"pipeline.{stage}"], cwd=root, check=True, capture_output=True,
+                       env=stage_env() | {"PYTHONPATH": str(ROOT)})
     return root
 
 
