@@ -173,7 +173,7 @@ class TuneSection(Section):
     grace_period: int = Field(1, ge=1)
     reduction_factor: int = Field(2, ge=2)
     workers_per_trial: int = Field(1, ge=1)
-    max_concurrent_trials: int = Field(0, ge=0, description="0: as many as the cluster's resources allow")
+    max_concurrent_trials: int = Field(0, ge=0, description="0: cluster CPUs (or GPUs) // workers_per_trial")
     space: dict[str, SearchDimension] = Field(default_factory=dict)
 
     @model_validator(mode="after")

@@ -221,22 +221,32 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_results(rows: list[dict], keys: list[str], path: Path) -> None:
-    """Validation accuracy against each searched parameter; hollow markers: stopped by ASHA."""
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3), squeeze=False, sharey=True)
-    for ax, key in zip(axes[0], keys):
+def plot_results(rows: list[dict], space: dict, path: Path) -> None:
+    """Validation accuracy against each searched parameter, one panel each; choices are
+    categories in the order listed; hollow markers: stopped early by ASHA."""
+    keys = list(space)
+    columns = min(4, len(keys))
+    lines = -(-len(keys) // columns)
+    fig, axes = plt.subplots(lines, columns, figsize=(3.4 * columns, 2.8 * lines), squeeze=False, sharey=True)
+    for ax, key in zip(axes.flat, keys):
+        choices = space[key].choice
         for row in rows:
             if row[METRIC] is None:
                 continue
-            value = row[key]
-            x = value if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+            x = choices.index(row[key]) if choices is not None else row[key]
             ax.scatter([x], [row[METRIC]], facecolors="none" if row["stopped_early"] else "C0", edgecolors="C0")
-        if key.endswith(("lr", "weight_decay")):
+        if choices is not None:
+            ax.set_xticks(range(len(choices)), [str(c) for c in choices])
+            ax.set_xlim(-0.5, len(choices) - 0.5)
+        elif space[key].loguniform is not None:
             ax.set_xscale("log")
         ax.set_xlabel(key, fontsize=8)
-        ax.tick_params(labelsize=7)
-    axes[0][0].set_ylabel("validation accuracy (last epoch)")
-    fig.suptitle("sweep trials (hollow: stopped early by ASHA)", fontsize=9)
+        ax.tick_params(which="both", labelsize=7)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    for line in axes:
+        line[0].set_ylabel("val accuracy (last epoch)", fontsize=8)
+    fig.suptitle("sweep trials: filled ran to the end, hollow stopped early by ASHA", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -244,6 +254,15 @@ def plot_results(rows: list[dict], keys: list[str], path: Path) -> None:
 
 # --------------------------------------------------------------------------------------------
 # The driver
+
+
+def concurrent_trials(params: Params) -> int:
+    """Trials that fit the cluster at once. The trial functions ask for no CPU (their Train
+    workers hold the resources), so Tune alone would start every trial and leave most of them
+    queueing for workers, and TPE would learn nothing from finished trials."""
+    resource = "GPU" if params.train.use_gpu else "CPU"
+    available = int(ray.cluster_resources().get(resource, 0))
+    return max(1, available // params.tune.workers_per_trial)
 
 
 def sweep(params: Params, raw: dict) -> dict:
@@ -271,6 +290,7 @@ def sweep(params: Params, raw: dict) -> dict:
     # The trial function only launches and waits: its Train workers hold the CPUs and GPUs.
     trainable = tune.with_resources(tune.with_parameters(run_trial, raw=raw, context=context),
                                     {"cpu": 0, "memory": 64 * 1024**2})
+    concurrency = settings.max_concurrent_trials or concurrent_trials(params)
     experiment_path = f"{storage_path.rstrip('/')}/{settings.name}"
     if tune.Tuner.can_restore(experiment_path):
         print(f"resuming sweep {settings.name} from {experiment_path}", flush=True)
@@ -283,7 +303,7 @@ def sweep(params: Params, raw: dict) -> dict:
                 metric=METRIC,
                 mode="max",
                 num_samples=settings.num_samples,
-                max_concurrent_trials=settings.max_concurrent_trials or None,
+                max_concurrent_trials=concurrency,
                 search_alg=OptunaSearch(sampler=optuna.samplers.TPESampler(seed=settings.seed)),
                 scheduler=ASHAScheduler(time_attr="training_iteration", max_t=settings.max_epochs,
                                         grace_period=settings.grace_period,
@@ -304,7 +324,7 @@ def sweep(params: Params, raw: dict) -> dict:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    plot_results(rows, keys, reports / "val_accuracy_vs_params.png")
+    plot_results(rows, settings.space, reports / "val_accuracy_vs_params.png")
     print(table)
 
     best = results.get_best_result(metric=METRIC, mode="max", scope="last")
