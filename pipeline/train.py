@@ -209,6 +209,29 @@ def resolve_tracking_uri(uri: str) -> str:
     return uri
 
 
+def resolve_storage_path(params: Params) -> str:
+    """Ray storage for checkpoints and run state: a URI as given, a local path made absolute."""
+    path = params.ray.storage_path
+    return path if "://" in path else str(Path(path).resolve())
+
+
+def start_ray(params: Params) -> None:
+    """Join `ray.address`, or start a local Ray whose dashboard listens on loopback only."""
+    if ray.is_initialized():
+        return
+    ray.init(
+        address=params.ray.address,
+        # Train V2 tees each worker print() into its logger as well: one copy is enough.
+        runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+        **({} if params.ray.address else {"num_cpus": os.cpu_count(), "dashboard_host": "127.0.0.1"}),
+    )
+
+
+def log_params(client: MlflowClient, run_id: str, flat: dict[str, str]) -> None:
+    # MLflow caps a param value at 6,000 characters.
+    client.log_batch(run_id, params=[mlflow.entities.Param(k, v[:6000]) for k, v in flat.items()])
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
@@ -275,8 +298,7 @@ def open_mlflow_run(params: Params, tracking_uri: str, run_name: str, state_dir:
         tags={"git_commit": git_commit(), "data_hash": dvc_lock_data_hash(), "seed": str(params.train.seed),
               "profile": params.profile},
     )
-    client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v[:6000]) for k, v in
-                                              flatten("", params.model_dump(exclude={"profiles"})).items()])
+    log_params(client, run.info.run_id, flatten("", params.model_dump(exclude={"profiles"})))
     state_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text(run.info.run_id)
     return run.info.run_id
@@ -298,21 +320,13 @@ def train(params: Params) -> None:
     if not (prepared / "train.npz").is_file():
         raise ConfigError(f"{prepared} has no train.npz; run the preprocess stage first (dvc repro preprocess)")
     tracking_uri = resolve_tracking_uri(params.mlflow.tracking_uri)
-    storage_path = params.ray.storage_path
-    if "://" not in storage_path:
-        storage_path = str(Path(storage_path).resolve())
+    storage_path = resolve_storage_path(params)
     run_name = f"{params.ray.run_name}-{run_identity(params, prepared_data_hash(prepared))}"
     state_dir = Path(storage_path) / run_name if "://" not in storage_path else Path("ray_results") / run_name
     run_id = open_mlflow_run(params, tracking_uri, run_name, state_dir)
     print(f"training run {run_name} (MLflow run {run_id}) on {params.train.num_workers} worker(s)", flush=True)
 
-    if not ray.is_initialized():
-        ray.init(
-            address=params.ray.address,
-            # Train V2 tees each worker print() into its logger as well: one copy is enough.
-            runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
-            **({} if params.ray.address else {"num_cpus": os.cpu_count(), "dashboard_host": "127.0.0.1"}),
-        )
+    start_ray(params)
     started = time.monotonic()
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,

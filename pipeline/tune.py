@@ -48,7 +48,17 @@ from ray.tune.search.optuna import OptunaSearch
 from pipeline.config import DEFAULT_PARAMS, ConfigError, Params, _deep_merge, load_params, parse_params
 from pipeline.evaluate import evaluate_model
 from pipeline.register import register_model
-from pipeline.train import STATE_FILE, flatten, git_commit, resolve_tracking_uri, save_model, train_loop_per_worker
+from pipeline.train import (
+    STATE_FILE,
+    flatten,
+    git_commit,
+    log_params,
+    resolve_storage_path,
+    resolve_tracking_uri,
+    save_model,
+    start_ray,
+    train_loop_per_worker,
+)
 from resattn.cifar10 import DataError
 from resattn.model import CONFIG_FIELDS
 
@@ -140,8 +150,7 @@ def sweep_parent_run(client: MlflowClient, params: Params) -> str:
         return found[0].info.run_id
     run = client.create_run(experiment.experiment_id, run_name=f"sweep {params.tune.name}",
                             tags={"sweep": params.tune.name, "role": "sweep", "git_commit": git_commit()})
-    client.log_batch(run.info.run_id, params=[mlflow.entities.Param(f"tune.{k}", v[:6000]) for k, v in
-                                              flatten("", params.tune.model_dump()).items()])
+    log_params(client, run.info.run_id, flatten("tune", params.tune.model_dump()))
     return run.info.run_id
 
 
@@ -159,7 +168,7 @@ def trial_child_run(client: MlflowClient, experiment_id: str, parent_id: str, tr
                                   "seed": str(params.train.seed)})
     logged = flatten("", params.model_dump(exclude={"profiles", "tune"}))
     logged.update({f"searched.{k}": str(v) for k, v in sampled.items()})
-    client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v[:6000]) for k, v in logged.items()])
+    log_params(client, run.info.run_id, logged)
     return run.info.run_id
 
 
@@ -276,14 +285,8 @@ def sweep(params: Params, raw: dict) -> dict:
     client = MlflowClient(tracking_uri)
     parent_id = sweep_parent_run(client, params)
     experiment_id = client.get_run(parent_id).info.experiment_id
-    storage_path = params.ray.storage_path
-    if "://" not in storage_path:
-        storage_path = str(Path(storage_path).resolve())
-
-    if not ray.is_initialized():
-        ray.init(address=params.ray.address,
-                 runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
-                 **({} if params.ray.address else {"dashboard_host": "127.0.0.1"}))
+    storage_path = resolve_storage_path(params)
+    start_ray(params)
     context = {"max_epochs": settings.max_epochs, "tracking_uri": tracking_uri, "experiment_id": experiment_id,
                "parent_run_id": parent_id, "prepared_dir": str(prepared), "workers": settings.workers_per_trial,
                "sweep": settings.name, "storage_path": storage_path}
