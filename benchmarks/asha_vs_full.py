@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import _deep_merge, parse_params
+from pipeline.config import deep_merge, parse_params, with_profile
 from pipeline.tune import sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    base = with_profile(yaml.safe_load((ROOT / "params.yaml").read_text()))
     work = Path(tempfile.mkdtemp(prefix="asha-bench-"))
     overlay = {
         "data": {"prepared_dir": str(ROOT / "data" / "prepared")},
@@ -48,8 +48,8 @@ def main() -> None:
           f"{args.train_subset} training images, {args.preset}, seed {args.seed}, workdir {work}")
     outcomes = {}
     for name, early in (("asha", True), ("full", False)):
-        raw = _deep_merge(base, overlay)
-        raw = _deep_merge(raw, {"tune": {"name": f"bench-{name}", "early_stopping": early}})
+        raw = deep_merge(base, overlay)
+        raw = deep_merge(raw, {"tune": {"name": f"bench-{name}", "early_stopping": early}})
         started = time.monotonic()
         summary = sweep(parse_params(raw), raw)
         outcomes[name] = (summary, time.monotonic() - started)

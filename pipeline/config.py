@@ -204,11 +204,11 @@ class Params(Section):
         return profiles
 
 
-def _deep_merge(base: dict, overlay: dict) -> dict:
+def deep_merge(base: dict, overlay: dict) -> dict:
     merged = dict(base)
     for key, value in overlay.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -227,8 +227,8 @@ def _format(error: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
-    """Validate a params mapping, with its profile applied."""
+def with_profile(raw: dict[str, Any], source: str = "params.yaml") -> dict[str, Any]:
+    """The raw params with their `profile` overlaid (what every consumer of params.yaml sees)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source} must be a mapping of sections; got {type(raw).__name__}")
     profile = raw.get("profile", "quick-cpu")
@@ -238,9 +238,13 @@ def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
             f"{source} is invalid:\n  profile: unknown profile {profile!r}; defined: "
             f"{', '.join(profiles) or 'none'}"
         )
-    effective = _deep_merge(raw, profiles.get(profile) or {})
+    return deep_merge(raw, profiles.get(profile) or {})
+
+
+def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
+    """Validate a params mapping, with its profile applied."""
     try:
-        return Params.model_validate(effective)
+        return Params.model_validate(with_profile(raw, source))
     except ValidationError as error:
         raise ConfigError(_format(error, source)) from None
 
@@ -253,4 +257,4 @@ def load_params(path: Path = DEFAULT_PARAMS, overrides: dict[str, Any] | None = 
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{path} is not valid YAML: {error}") from None
-    return parse_params(_deep_merge(raw, overrides or {}), str(path))
+    return parse_params(deep_merge(raw, overrides or {}), str(path))

@@ -45,7 +45,7 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallba
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from pipeline.config import DEFAULT_PARAMS, ConfigError, Params, _deep_merge, load_params, parse_params
+from pipeline.config import DEFAULT_PARAMS, ConfigError, Params, deep_merge, load_params, parse_params, with_profile
 from pipeline.evaluate import evaluate_model
 from pipeline.register import register_model
 from pipeline.train import (
@@ -103,9 +103,9 @@ def check_path(key: str) -> None:
 def trial_raw(raw: dict, sampled: dict[str, Any], max_epochs: int) -> dict:
     """The params of one trial: the base params, every trial at the sweep's epoch budget,
     then the sampled values."""
-    merged = _deep_merge(raw, {"train": {"epochs": max_epochs}})
+    merged = deep_merge(raw, {"train": {"epochs": max_epochs}})
     for key, value in sampled.items():
-        merged = _deep_merge(merged, overlay_for(key, value))
+        merged = deep_merge(merged, overlay_for(key, value))
     return merged
 
 
@@ -343,8 +343,8 @@ def sweep(params: Params, raw: dict) -> dict:
 
     overlay: dict = {}
     for key, value in best_sampled.items():
-        overlay = _deep_merge(overlay, overlay_for(key, value))
-    overlay = _deep_merge(overlay, {"train": {"epochs": settings.max_epochs}})
+        overlay = deep_merge(overlay, overlay_for(key, value))
+    overlay = deep_merge(overlay, {"train": {"epochs": settings.max_epochs}})
     (reports / "best_params.yaml").write_text(yaml.safe_dump(overlay, sort_keys=False))
     summary = {"best_trial": best_id, METRIC: best.metrics[METRIC], "test_accuracy":
                evaluation["test_accuracy"], "trials": len(rows), "stopped_early": sum(r["stopped_early"] for r in rows),
@@ -382,9 +382,7 @@ def main(argv: list[str] | None = None) -> None:
         os.chdir(args.root)
     try:
         params = load_params(args.params)
-        raw = yaml.safe_load(args.params.read_text())
-        raw = _deep_merge(raw, (raw.get("profiles") or {}).get(raw.get("profile", "quick-cpu")) or {})
-        sweep(params, raw)
+        sweep(params, with_profile(yaml.safe_load(args.params.read_text()), str(args.params)))
     except (ConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
