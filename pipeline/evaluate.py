@@ -92,7 +92,7 @@ def evaluate_model(params: Params, model_path: Path, run_id: str, reports: Path)
     counts = confusion_matrix(labels, result.predictions, len(CLASSES))
     per_class = {cls: counts[i, i].item() / max(counts[i].sum().item(), 1) for i, cls in enumerate(CLASSES)}
     metrics = {"test_accuracy": result.accuracy, "test_loss": result.loss, "flip_tta": params.evaluate.flip_tta,
-               "per_class_accuracy": per_class}
+               "test_accuracy_single_view": result.single_view_accuracy, "per_class_accuracy": per_class}
     reports.mkdir(parents=True, exist_ok=True)
     write_json(reports / METRICS_FILE.name, metrics)
     with open(reports / CONFUSION_CSV.name, "w", newline="") as f:
@@ -108,6 +108,7 @@ def evaluate_model(params: Params, model_path: Path, run_id: str, reports: Path)
     client = MlflowClient(resolve_tracking_uri(params.mlflow.tracking_uri))
     client.log_metric(run_id, "test_accuracy", result.accuracy)
     client.log_metric(run_id, "test_loss", result.loss)
+    client.log_metric(run_id, "test_accuracy_single_view", result.single_view_accuracy)
     for cls, accuracy in per_class.items():
         client.log_metric(run_id, f"test_accuracy_{cls}", accuracy)
     for name in (METRICS_FILE.name, CONFUSION_PNG.name, MASKS_PNG.name):

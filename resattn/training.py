@@ -171,6 +171,7 @@ class Evaluation:
     accuracy: float
     predictions: torch.Tensor  # (N,) predicted class per image
     probabilities: torch.Tensor  # (N, classes)
+    single_view_accuracy: float  # without flip TTA (what TTA adds is accuracy - this)
 
 
 @torch.no_grad()
@@ -190,11 +191,12 @@ def evaluate(
     of each image and its mirror image are averaged."""
     model.eval()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    probabilities = []
+    probabilities, single_view_correct = [], 0
     for start in range(0, len(labels), batch_size):
         x = normalize(images[start : start + batch_size].to(device), norm).contiguous(memory_format=memory_format)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             probs = model(x).float().softmax(1)
+            single_view_correct += (probs.argmax(1).cpu() == labels[start : start + batch_size].cpu()).sum().item()
             if flip_tta:
                 probs = (probs + model(x.flip(3)).float().softmax(1)) / 2
         probabilities.append(probs.cpu())
@@ -202,7 +204,7 @@ def evaluate(
     predictions = probabilities.argmax(1)
     loss = F.nll_loss(probabilities.clamp_min(1e-12).log(), labels.cpu()).item()
     accuracy = (predictions == labels.cpu()).double().mean().item()
-    return Evaluation(loss, accuracy, predictions, probabilities)
+    return Evaluation(loss, accuracy, predictions, probabilities, single_view_correct / max(len(labels), 1))
 
 
 def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -10,6 +10,8 @@ from torch import nn
 
 from resattn import PRESETS, create_model, list_presets, model_config
 from resattn.model import AttentionModule, ResidualUnit, SoftMaskBranch
+from resattn.data import Normalization
+from resattn.training import evaluate
 from resattn.summary import count_parameters, main as summary_main
 
 
@@ -148,6 +150,20 @@ def test_bf16_autocast_matches_fp32_within_bf16_precision():
     # bf16 keeps 8 significant bits (0.4% per op); after 56 layers the class probabilities
     # still agree within 0.01 (0.0033 measured).
     torch.testing.assert_close(fast, reference, atol=0.01, rtol=0)
+
+
+def test_flip_tta_averages_each_image_with_its_mirror_and_reports_the_single_view_too():
+    torch.manual_seed(0)
+    model = create_model("attention56_tiny").eval()
+    x = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(12) % 10
+    norm = Normalization(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    plain = evaluate(model, x, labels, norm, batch_size=5)
+    tta = evaluate(model, x, labels, norm, batch_size=5, flip_tta=True)
+    mirrored = evaluate(model, x.flip(3), labels, norm, batch_size=5)
+    torch.testing.assert_close(tta.probabilities, (plain.probabilities + mirrored.probabilities) / 2)
+    assert tta.single_view_accuracy == plain.single_view_accuracy == plain.accuracy
+    assert tta.accuracy == (tta.probabilities.argmax(1) == labels).double().mean().item()
 
 
 @pytest.mark.slow
