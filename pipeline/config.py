@@ -249,7 +249,32 @@ def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
         raise ConfigError(_format(error, source)) from None
 
 
-def load_params(path: Path = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None) -> Params:
+def overlay_for(key: str, value: Any) -> dict:
+    """`train.optimizer.lr`, 0.1 -> {"train": {"optimizer": {"lr": 0.1}}}."""
+    nested: Any = value
+    for part in reversed(key.split(".")):
+        nested = {part: nested}
+    return nested
+
+
+def parse_assignments(assignments: list[str]) -> dict[str, Any]:
+    """`["train.epochs=3", "ray.address=auto"]` (as `dvc exp run -S` takes them, values read as
+    YAML) -> the nested overlay {"train": {"epochs": 3}, "ray": {"address": "auto"}}."""
+    overlay: dict[str, Any] = {}
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {assignment!r} is not KEY=VALUE with a dotted key, e.g. train.epochs=3")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        overlay = deep_merge(overlay, overlay_for(key, value))
+    return overlay
+
+
+def load_raw(path: Path = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The params file as a mapping, with `overrides` merged over it (not yet validated)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path} not found; run from the project root or pass --params")
@@ -257,4 +282,8 @@ def load_params(path: Path = DEFAULT_PARAMS, overrides: dict[str, Any] | None = 
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{path} is not valid YAML: {error}") from None
-    return parse_params(deep_merge(raw, overrides or {}), str(path))
+    return deep_merge(raw, overrides or {})
+
+
+def load_params(path: Path = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None) -> Params:
+    return parse_params(load_raw(path, overrides), str(path))

@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.common import run_stage
 from pipeline.config import Params
+from pipeline.remote import check_tracking_server
 from pipeline.train import MODEL_FILE, RUN_FILE, resolve_tracking_uri
 from resattn.cifar10 import CLASSES
 from resattn.data import Normalization, load_split, normalize, to_tensor_nchw, write_json
@@ -118,6 +119,7 @@ def evaluate_model(params: Params, model_path: Path, run_id: str, reports: Path)
 
 
 def evaluate_stage(params: Params) -> None:
+    check_tracking_server(params.mlflow.tracking_uri)
     evaluate_model(params, MODEL_FILE, json.loads(RUN_FILE.read_text())["run_id"], REPORTS)
 
 

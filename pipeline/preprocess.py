@@ -1,7 +1,15 @@
-"""DVC stage `preprocess`: compact arrays, a stratified train/validation split, channel stats."""
+"""DVC stage `preprocess`: compact arrays, a stratified train/validation split, channel stats.
+
+The prepared folder is written whole into a staging folder beside it and swapped in only when
+complete, so a run killed at any moment leaves the previous folder (or none), never a mix; the
+next run removes the stale staging folder and starts again.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from pipeline.common import run_stage
@@ -11,6 +19,19 @@ from resattn import cifar10
 from resattn.data import STATS_FILE, channel_stats, data_card, save_split, stratified_split, write_json
 
 DATA_CARD = Path("reports/data_card.json")
+
+
+def replace_directory(complete: Path, target: Path) -> None:
+    """Put `complete` at `target`. Between the two renames `target` is briefly absent (which
+    reads as "not prepared"), never partly written."""
+    if target.exists():
+        retired = target.with_name(f".{target.name}-staging-retired")
+        shutil.rmtree(retired, ignore_errors=True)
+        os.replace(target, retired)
+        os.replace(complete, target)
+        shutil.rmtree(retired)
+    else:
+        os.replace(complete, target)
 
 
 def preprocess(params: Params) -> None:
@@ -30,10 +51,20 @@ def preprocess(params: Params) -> None:
         "test": test,
     }
     prepared = Path(params.data.prepared_dir)
-    for name, split in splits.items():
-        save_split(prepared / f"{name}.npz", split)
-    mean, std = channel_stats(splits["train"].images)
-    write_json(prepared / STATS_FILE, {"mean": mean, "std": std, "computed_on": "train"})
+    prepared.parent.mkdir(parents=True, exist_ok=True)
+    for stale in prepared.parent.glob(f".{prepared.name}-staging-*"):
+        shutil.rmtree(stale, ignore_errors=True)  # left by a killed run
+    staging = Path(tempfile.mkdtemp(prefix=f".{prepared.name}-staging-", dir=prepared.parent))
+    staging.chmod(0o755)  # mkdtemp's 0700 would make the prepared data private
+    try:
+        for name, split in splits.items():
+            save_split(staging / f"{name}.npz", split)
+        mean, std = channel_stats(splits["train"].images)
+        write_json(staging / STATS_FILE, {"mean": mean, "std": std, "computed_on": "train"})
+        replace_directory(staging, prepared)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     card = data_card(splits)
     write_json(DATA_CARD, card)
     print(", ".join(f"{name}: {entry['images']:,} images" for name, entry in card.items()))

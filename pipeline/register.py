@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 import resattn
 from pipeline.common import run_stage
 from pipeline.config import Params
+from pipeline.remote import check_tracking_server
 from pipeline.evaluate import METRICS_FILE as EVAL_FILE, load_trained_model
 from pipeline.train import MODEL_FILE, RUN_FILE, resolve_tracking_uri
 from resattn.data import Normalization, load_split, to_tensor_nchw, write_json
@@ -87,6 +88,7 @@ def register_model(params: Params, model_path: Path, run_id: str, test_accuracy:
 
 
 def register(params: Params) -> None:
+    check_tracking_server(params.mlflow.tracking_uri)
     run_id = json.loads(RUN_FILE.read_text())["run_id"]
     test_accuracy = json.loads(EVAL_FILE.read_text())["test_accuracy"]
     write_json(REGISTER_FILE, register_model(params, MODEL_FILE, run_id, test_accuracy))

@@ -1,11 +1,13 @@
 """DVC stage `train`: data-parallel training with Ray Train (V2), tracked in MLflow.
 
-The driver validates params, starts (or joins) Ray, opens the MLflow run and launches a
-TorchTrainer; each worker runs `train_loop_per_worker`. Every epoch rank 0 checkpoints the full
+The driver validates params, checks the tracking server and storage it will need, starts (or
+joins) Ray, puts the prepared arrays into Ray's object store (so workers on any node of a
+cluster get them, with no shared filesystem), opens the MLflow run and launches a TorchTrainer;
+each worker runs `train_loop_per_worker`. Every epoch rank 0 checkpoints the full
 training state through `ray.train.report`. The Ray run is named after a hash of everything that
 shapes training, so rerunning an interrupted stage with the same params and data resumes from
-the latest checkpoint (and the same MLflow run) instead of starting over, while changed params
-start a fresh run.
+the latest checkpoint (and the same MLflow run, found by its `ray_run` tag) instead of starting
+over, while changed params start a fresh run. `ray.storage_path` may be local or s3://.
 
 Outputs: models/model.pt (weights + model config), reports/train.json (DVC metrics),
 reports/train_history.csv (DVC plots), models/mlflow_run.json (for the later stages).
@@ -13,7 +15,6 @@ reports/train_history.csv (DVC plots), models/mlflow_run.json (for the later sta
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -23,16 +24,18 @@ import time
 from pathlib import Path
 
 import mlflow
+import pyarrow.fs
 import ray
 import ray.train
 import ray.train.torch
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline.common import run_stage
+from pipeline.common import StageError, run_stage
 from pipeline.config import ConfigError, Params
+from pipeline.remote import check_run_services, redact
 from resattn.cifar10 import Split
-from resattn.data import Normalization, load_split, to_tensor_nchw, write_json
+from resattn.data import Normalization, load_split, to_tensor_nchw, write_csv, write_json
 from resattn.model import create_model
 from resattn.training import build_optimizer, build_scheduler, evaluate, train_epoch, unwrap
 
@@ -56,7 +59,20 @@ def _log_to_mlflow(tracking_uri: str, run_id: str, metrics: dict, epoch: int) ->
             metrics=[mlflow.entities.Metric(k, float(v), int(time.time() * 1000), epoch) for k, v in metrics.items()],
         )
     except Exception as error:  # noqa: BLE001 - a tracking outage must not cost the training
-        print(f"warning: could not log epoch {epoch} to MLflow ({error}); training goes on", flush=True)
+        print(f"warning: could not log epoch {epoch} to MLflow ({type(error).__name__}); training goes on "
+              f"and the driver logs it when MLflow is back", flush=True)
+
+
+def _start_system_metrics(tracking_uri: str, run_id: str) -> bool:
+    """CPU, memory and GPU use sampled into the run while training, if MLflow answers."""
+    try:
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.start_run(run_id=run_id, log_system_metrics=True)
+        return True
+    except Exception as error:  # noqa: BLE001 - a tracking outage must not cost the training
+        print(f"warning: MLflow is unreachable ({type(error).__name__}); training goes on without "
+              f"system metrics", flush=True)
+        return False
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -68,15 +84,13 @@ def train_loop_per_worker(config: dict) -> None:
     use_cuda = device.type == "cuda"
     autocast_dtype = torch.bfloat16 if train_cfg.mixed_precision else None
 
-    prepared = Path(config["prepared_dir"])
-    train_split, val_split = load_split(prepared / "train.npz"), load_split(prepared / "val.npz")
+    train_split, val_split, norm = ray.get(config["data"])  # read-only views of the object store
     if train_cfg.train_subset:
         train_split = Split(train_split.images[: train_cfg.train_subset], train_split.labels[: train_cfg.train_subset])
-    norm = Normalization.load(prepared)
-    train_images, train_labels = to_tensor_nchw(train_split.images), torch.from_numpy(train_split.labels)
+    train_images, train_labels = to_tensor_nchw(train_split.images), torch.tensor(train_split.labels)
     # Each worker validates its own slice; the sums are combined below.
     val_images = to_tensor_nchw(val_split.images[rank::world_size])
-    val_labels = torch.from_numpy(val_split.labels[rank::world_size])
+    val_labels = torch.tensor(val_split.labels[rank::world_size])
     if use_cuda:  # the whole dataset fits on any GPU: no host-to-device copy per batch
         train_images, train_labels = train_images.to(device), train_labels.to(device)
 
@@ -107,8 +121,7 @@ def train_loop_per_worker(config: dict) -> None:
     start_epoch, history = 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        with checkpoint.as_directory() as directory:
-            state = torch.load(Path(directory) / STATE_FILE, map_location=device, weights_only=True)
+        state = load_resumable_state(checkpoint)
         unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -118,9 +131,7 @@ def train_loop_per_worker(config: dict) -> None:
             print(f"resuming from the checkpoint of epoch {state['epoch'] + 1}", flush=True)
 
     total_images = steps_per_epoch * per_worker_batch * world_size
-    if rank == 0:  # CPU, memory and GPU use sampled into the run while training
-        mlflow.set_tracking_uri(config["tracking_uri"])
-        mlflow.start_run(run_id=config["run_id"], log_system_metrics=True)
+    sampling = rank == 0 and _start_system_metrics(config["tracking_uri"], config["run_id"])
     try:
         for epoch in range(start_epoch, train_cfg.epochs):
             last_print = [time.monotonic()]
@@ -180,8 +191,11 @@ def train_loop_per_worker(config: dict) -> None:
             else:
                 ray.train.report(metrics)
     finally:
-        if rank == 0:
-            mlflow.end_run()
+        if sampling:
+            try:
+                mlflow.end_run()
+            except Exception:  # noqa: BLE001 - the driver reports MLflow trouble once, at the end
+                pass
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,6 +206,40 @@ def run_identity(params: Params, data_hash: str) -> str:
     """Stable name for a training run: same params and data, same name, so a rerun resumes."""
     shaping = {"model": params.model.model_dump(), "train": params.train.model_dump(), "data": data_hash}
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def load_prepared(prepared_dir: Path) -> tuple[Split, Split, Normalization]:
+    """What every worker trains and validates on, as the driver puts it into the object store."""
+    if not (prepared_dir / "train.npz").is_file():
+        raise ConfigError(f"{prepared_dir} has no train.npz; run the preprocess stage first (dvc repro preprocess)")
+    return load_split(prepared_dir / "train.npz"), load_split(prepared_dir / "val.npz"), Normalization.load(prepared_dir)
+
+
+def load_checkpoint_state(checkpoint: ray.train.Checkpoint) -> dict:
+    """The training state a worker saved, from local or s3:// storage; tensors only."""
+    with checkpoint.as_directory() as directory:
+        return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def load_resumable_state(latest: ray.train.Checkpoint) -> dict:
+    """The state of the newest checkpoint that loads. A truncated or corrupted file is reported
+    and skipped for the one kept before it (CheckpointConfig keeps two); if none loads, the
+    error names every file tried. Never unpickles code (weights_only)."""
+    parent, latest_name = latest.path.rstrip("/").rsplit("/", 1)
+    found = latest.filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
+    # Ray names checkpoint folders checkpoint_<timestamp>: older sorts lower.
+    older = sorted((info.path for info in found if info.type == pyarrow.fs.FileType.Directory
+                    and info.base_name.startswith("checkpoint_") and info.base_name < latest_name), reverse=True)
+    failures = []
+    for candidate in [latest, *(ray.train.Checkpoint(path, filesystem=latest.filesystem) for path in older)]:
+        try:
+            return load_checkpoint_state(candidate)
+        except Exception as error:  # noqa: BLE001 - any unreadable file: try the previous one
+            reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:160]}"
+            failures.append(f"{candidate.path}/{STATE_FILE} ({reason})")
+            print(f"warning: checkpoint {candidate.path}/{STATE_FILE} is unreadable ({reason}); trying the one "
+                  f"before it", flush=True)
+    raise RuntimeError("no readable checkpoint to resume from: " + "; ".join(failures))
 
 
 def prepared_data_hash(prepared_dir: Path) -> str:
@@ -222,7 +270,13 @@ def start_ray(params: Params) -> None:
     ray.init(
         address=params.ray.address,
         # Train V2 tees each worker print() into its logger as well: one copy is enough.
-        runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+        runtime_env={"env_vars": {
+            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+            # During a tracking outage a worker's logging call gives up after seconds, not
+            # MLflow's default of minutes of retries; the driver logs what was missed.
+            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"),
+            "MLFLOW_HTTP_REQUEST_TIMEOUT": os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "20"),
+        }},
         **({} if params.ray.address else {"num_cpus": os.cpu_count(), "dashboard_host": "127.0.0.1"}),
     )
 
@@ -262,6 +316,29 @@ def flatten(prefix: str, value) -> dict[str, str]:
     return {prefix: json.dumps(value) if isinstance(value, (list, dict)) else str(value)}
 
 
+def backfill_metrics(client: MlflowClient, run_id: str, history: list[dict]) -> int:
+    """Log every epoch metric the MLflow run lacks (workers skip logging during an outage);
+    returns how many values were missing."""
+    keys = [key for key in history[0] if key != "epoch"]
+    logged = {key: {m.step for m in client.get_metric_history(run_id, key)} for key in keys}
+    now = int(time.time() * 1000)
+    missing = [mlflow.entities.Metric(key, float(row[key]), now, row["epoch"])
+               for row in history for key in keys if row["epoch"] not in logged[key]]
+    for start in range(0, len(missing), 1000):  # MLflow's batch limit
+        client.log_batch(run_id, metrics=missing[start : start + 1000])
+    return len(missing)
+
+
+def root_cause(error: BaseException) -> str:
+    """The innermost error a worker raised, as one line: type and message."""
+    failures = getattr(error, "worker_failures", None) or {}
+    error = next(iter(failures.values()), error)
+    while getattr(error, "cause", None) is not None:  # RayTaskError wraps the worker's exception
+        error = error.cause
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}"
+
+
 def check_resources(params: Params) -> None:
     """Fail before Ray starts on a request this machine cannot meet (local runs only)."""
     if params.ray.address:
@@ -279,28 +356,21 @@ def check_resources(params: Params) -> None:
         )
 
 
-def open_mlflow_run(params: Params, tracking_uri: str, run_name: str, state_dir: Path) -> str:
-    """The MLflow run of this training run: reopened on resume, created otherwise."""
-    marker = state_dir / "mlflow_run_id"
+def open_mlflow_run(params: Params, tracking_uri: str, run_name: str) -> str:
+    """The MLflow run of this training run: the one tagged with its Ray run name (a resume),
+    else a new one. The tag lives with the run, so this works whatever the Ray storage."""
     client = MlflowClient(tracking_uri)
-    if marker.is_file():
-        run_id = marker.read_text().strip()
-        try:
-            client.get_run(run_id)
-            return run_id
-        except mlflow.exceptions.MlflowException:
-            pass  # the tracking store was reset: start a new run below
     mlflow.set_tracking_uri(tracking_uri)
     experiment = mlflow.set_experiment(params.mlflow.experiment)
+    if found := client.search_runs([experiment.experiment_id], f"tags.ray_run = '{run_name}'", max_results=1):
+        return found[0].info.run_id
     run = client.create_run(
         experiment.experiment_id,
         run_name=run_name,
-        tags={"git_commit": git_commit(), "data_hash": dvc_lock_data_hash(), "seed": str(params.train.seed),
-              "profile": params.profile},
+        tags={"ray_run": run_name, "git_commit": git_commit(), "data_hash": dvc_lock_data_hash(),
+              "seed": str(params.train.seed), "profile": params.profile},
     )
     log_params(client, run.info.run_id, flatten("", params.model_dump(exclude={"profiles"})))
-    state_dir.mkdir(parents=True, exist_ok=True)
-    marker.write_text(run.info.run_id)
     return run.info.run_id
 
 
@@ -316,21 +386,20 @@ def save_model(state: dict, params: Params, path: Path) -> None:
 
 def train(params: Params) -> None:
     check_resources(params)
+    check_run_services(params)
     prepared = Path(params.data.prepared_dir).resolve()
-    if not (prepared / "train.npz").is_file():
-        raise ConfigError(f"{prepared} has no train.npz; run the preprocess stage first (dvc repro preprocess)")
+    data = load_prepared(prepared)
     tracking_uri = resolve_tracking_uri(params.mlflow.tracking_uri)
     storage_path = resolve_storage_path(params)
     run_name = f"{params.ray.run_name}-{run_identity(params, prepared_data_hash(prepared))}"
-    state_dir = Path(storage_path) / run_name if "://" not in storage_path else Path("ray_results") / run_name
-    run_id = open_mlflow_run(params, tracking_uri, run_name, state_dir)
+    run_id = open_mlflow_run(params, tracking_uri, run_name)
     print(f"training run {run_name} (MLflow run {run_id}) on {params.train.num_workers} worker(s)", flush=True)
 
     start_ray(params)
     started = time.monotonic()
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"params": params.model_dump(), "prepared_dir": str(prepared),
+        train_loop_config={"params": params.model_dump(), "data": ray.put(data),
                            "tracking_uri": tracking_uri, "run_id": run_id},
         scaling_config=ray.train.ScalingConfig(num_workers=params.train.num_workers, use_gpu=params.train.use_gpu),
         run_config=ray.train.RunConfig(
@@ -340,20 +409,22 @@ def train(params: Params) -> None:
             failure_config=ray.train.FailureConfig(max_failures=params.train.max_failures),
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as error:
+        raise StageError(
+            f"training run {run_name} failed and was restarted train.max_failures={params.train.max_failures} "
+            f"time(s) without success: {root_cause(error)}. Its checkpoints stay in {storage_path}/{run_name}; "
+            f"rerunning the stage resumes from them"
+        ) from None
     wall_seconds = time.monotonic() - started
     if result.checkpoint is None:
         raise RuntimeError(f"training run {run_name} ended without a checkpoint")
-    with result.checkpoint.as_directory() as directory:
-        state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+    state = load_checkpoint_state(result.checkpoint)
 
     save_model(state, params, MODEL_FILE)
     history = state["history"]
-    HISTORY_FILE.parent.mkdir(parents=True, exist_ok=True)
-    with open(HISTORY_FILE, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(history[0]))
-        writer.writeheader()
-        writer.writerows(history)
+    write_csv(HISTORY_FILE, history)
     final = history[-1]
     write_json(METRICS_FILE, {
         "epochs": final["epoch"],
@@ -366,8 +437,17 @@ def train(params: Params) -> None:
     })
     write_json(RUN_FILE, {"run_id": run_id, "tracking_uri": params.mlflow.tracking_uri, "ray_run": run_name})
     client = MlflowClient(tracking_uri)
-    client.log_artifact(run_id, str(HISTORY_FILE), "training")
-    client.log_metric(run_id, "fit_seconds", wall_seconds)
+    try:
+        if missed := backfill_metrics(client, run_id, history):
+            print(f"logged {missed} epoch metric values that MLflow had missed", flush=True)
+        client.log_artifact(run_id, str(HISTORY_FILE), "training")
+        client.log_metric(run_id, "fit_seconds", wall_seconds)
+    except Exception as error:  # noqa: BLE001 - any tracking failure: the training itself is safe
+        raise StageError(
+            f"training finished and {MODEL_FILE} is saved, but MLflow at {redact(tracking_uri)} did not take the "
+            f"run's metrics ({type(error).__name__}). Once it answers again, rerun this stage: it finds the "
+            f"finished run and logs what is missing"
+        ) from None
     print(f"final validation accuracy {final['val_accuracy']:.4f} after {final['epoch']} epochs "
           f"({wall_seconds / 60:.1f} min); model in {MODEL_FILE}")
 

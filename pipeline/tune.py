@@ -1,7 +1,7 @@
 """Ray Tune search over the network's p/t/r, depth presets and learning-rate schedules.
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python pipeline/tune.py --root $PWD
-    python pipeline/tune.py [--params params.yaml]        # same sweep, on a Ray it starts itself
+    python pipeline/tune.py [--params params.yaml] [-S key=value ...]   # on a Ray it starts itself
 
 The `tune` section of params.yaml gives the sweep: dotted parameter paths (`train.optimizer.lr`,
 `model.overrides.r`, ...) with their ranges, seeded TPE search (Optuna) and ASHA early stopping
@@ -17,7 +17,6 @@ that reproduces it through the pipeline.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
@@ -33,10 +32,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import mlflow
 import optuna
+import pyarrow.fs
 import ray
 import ray.train
 import ray.train.torch
-import torch
 import yaml
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
@@ -45,13 +44,25 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallba
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from pipeline.config import DEFAULT_PARAMS, ConfigError, Params, deep_merge, load_params, parse_params, with_profile
+from pipeline.config import (
+    DEFAULT_PARAMS,
+    ConfigError,
+    Params,
+    deep_merge,
+    load_raw,
+    overlay_for,
+    parse_assignments,
+    parse_params,
+    with_profile,
+)
 from pipeline.evaluate import evaluate_model
 from pipeline.register import register_model
+from pipeline.remote import check_run_services
 from pipeline.train import (
-    STATE_FILE,
     flatten,
     git_commit,
+    load_checkpoint_state,
+    load_prepared,
     log_params,
     resolve_storage_path,
     resolve_tracking_uri,
@@ -60,6 +71,7 @@ from pipeline.train import (
     train_loop_per_worker,
 )
 from resattn.cifar10 import DataError
+from resattn.data import write_csv
 from resattn.model import CONFIG_FIELDS
 
 METRIC = "val_accuracy"
@@ -68,14 +80,6 @@ SEARCHABLE_SECTIONS = ("model", "train")
 
 # --------------------------------------------------------------------------------------------
 # The search space
-
-
-def overlay_for(key: str, value: Any) -> dict:
-    """`train.optimizer.lr`, 0.1 -> {"train": {"optimizer": {"lr": 0.1}}}."""
-    nested: Any = value
-    for part in reversed(key.split(".")):
-        nested = {part: nested}
-    return nested
 
 
 def check_path(key: str) -> None:
@@ -183,7 +187,7 @@ def run_trial(sampled: dict, *, raw: dict, context: dict) -> None:
     run_id = trial_child_run(client, context["experiment_id"], context["parent_run_id"], trial_id, params, sampled)
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"params": params.model_dump(), "prepared_dir": context["prepared_dir"],
+        train_loop_config={"params": params.model_dump(), "data": context["data"],
                            "tracking_uri": context["tracking_uri"], "run_id": run_id},
         scaling_config=ray.train.ScalingConfig(num_workers=context["workers"], use_gpu=params.train.use_gpu),
         run_config=ray.train.RunConfig(
@@ -277,9 +281,8 @@ def concurrent_trials(params: Params) -> int:
 def sweep(params: Params, raw: dict) -> dict:
     validate_space(raw, params)
     settings = params.tune
-    prepared = Path(params.data.prepared_dir).resolve()
-    if not (prepared / "train.npz").is_file():
-        raise ConfigError(f"{prepared} has no train.npz; run `dvc repro preprocess` first (sweeps reuse its arrays)")
+    check_run_services(params)
+    data = load_prepared(Path(params.data.prepared_dir).resolve())  # sweeps reuse the pipeline's arrays
     tracking_uri = resolve_tracking_uri(params.mlflow.tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
@@ -288,7 +291,7 @@ def sweep(params: Params, raw: dict) -> dict:
     storage_path = resolve_storage_path(params)
     start_ray(params)
     context = {"max_epochs": settings.max_epochs, "tracking_uri": tracking_uri, "experiment_id": experiment_id,
-               "parent_run_id": parent_id, "prepared_dir": str(prepared), "workers": settings.workers_per_trial,
+               "parent_run_id": parent_id, "data": ray.put(data), "workers": settings.workers_per_trial,
                "sweep": settings.name, "storage_path": storage_path}
     # The trial function only launches and waits: its Train workers hold the CPUs and GPUs.
     trainable = tune.with_resources(tune.with_parameters(run_trial, raw=raw, context=context),
@@ -313,7 +316,10 @@ def sweep(params: Params, raw: dict) -> dict:
                                         reduction_factor=settings.reduction_factor)
                 if settings.early_stopping else FIFOScheduler(),
             ),
-            run_config=tune.RunConfig(name=settings.name, storage_path=storage_path),
+            # Upload the sweep's state (a few kB) at most 10 s apart rather than Tune's default 5 min:
+            # on s3:// storage that bounds what a killed driver loses to the trials of 10 s.
+            run_config=tune.RunConfig(name=settings.name, storage_path=storage_path,
+                                      sync_config=tune.SyncConfig(sync_period=10)),
         )
     results = tuner.fit()
 
@@ -323,10 +329,7 @@ def sweep(params: Params, raw: dict) -> dict:
     reports.mkdir(parents=True, exist_ok=True)
     table = format_table(rows)
     (reports / "trials.md").write_text(table + "\n")
-    with open(reports / "trials.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(reports / "trials.csv", rows)
     plot_results(rows, settings.space, reports / "val_accuracy_vs_params.png")
     print(table)
 
@@ -335,7 +338,9 @@ def sweep(params: Params, raw: dict) -> dict:
     best_params = parse_params(trial_raw(raw, best_sampled, settings.max_epochs), "the best trial's params")
     best_id = best.metrics["trial_id"]
     best_run_id = trial_run_id(client, experiment_id, parent_id, best_id)
-    state = torch.load(Path(best.metrics[CHECKPOINT_PATH_KEY]) / STATE_FILE, map_location="cpu", weights_only=True)
+    # Tune reports the path within the storage filesystem (no s3:// scheme): pass that filesystem.
+    filesystem = pyarrow.fs.FileSystem.from_uri(storage_path)[0] if "://" in storage_path else None
+    state = load_checkpoint_state(ray.train.Checkpoint(best.metrics[CHECKPOINT_PATH_KEY], filesystem=filesystem))
     model_path = reports / "model.pt"
     save_model(state, best_params, model_path)
     evaluation = evaluate_model(best_params, model_path, best_run_id, reports)
@@ -371,9 +376,12 @@ def sweep(params: Params, raw: dict) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="relative to --root")
+    parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a param, as `dvc exp run -S` does (e.g. -S ray.storage_path=s3://b/runs)")
     parser.add_argument("--root", type=Path, help="project directory that relative paths in params refer to "
                         "(default: the current one). A Ray job runs in an uploaded copy of the code without the "
-                        "data: on this machine's cluster pass --root $PWD; on a remote one use s3:// paths")
+                        "data: on this machine's cluster pass --root $PWD; on a remote one, run the fetch and "
+                        "preprocess stages in the job first (infra/README.md)")
     args = parser.parse_args(argv)
     if args.root:
         if not args.root.is_dir():
@@ -381,8 +389,8 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(1)
         os.chdir(args.root)
     try:
-        params = load_params(args.params)
-        sweep(params, with_profile(yaml.safe_load(args.params.read_text()), str(args.params)))
+        raw = load_raw(args.params, parse_assignments(args.set))
+        sweep(parse_params(raw, str(args.params)), with_profile(raw, str(args.params)))
     except (ConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -7,7 +7,9 @@ flipped and normalised as tensors, which is what lets a 2-core machine feed the 
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -83,6 +85,15 @@ def _atomic_write(path: Path, write) -> None:
 
 def write_json(path: Path, content) -> None:
     _atomic_write(Path(path), lambda f: f.write((json.dumps(content, indent=2) + "\n").encode()))
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """Rows with the same keys, header first, written atomically."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    _atomic_write(Path(path), lambda f: f.write(text.getvalue().encode()))
 
 
 def save_split(path: Path, split: Split) -> None:

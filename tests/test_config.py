@@ -35,7 +35,7 @@ def test_the_shipped_params_and_every_profile_validate():
         ({"train": {"lerning_rate": 0.1}}, "train.lerning_rate: unknown key (a typo?)"),
         ({"train": {"batch_size": 127}}, "batch_size 127 does not split evenly over num_workers 2"),
         ({"data": {"source": ""}}, "data.source: String should have at least 1 character"),
-        ({"profile": "papper"}, "profile: unknown profile 'papper'; defined: quick-cpu, paper, seed-report"),
+        ({"profile": "papper"}, "profile: unknown profile 'papper'; defined: quick-cpu, fast, paper, seed-report"),
     ],
 )
 def test_bad_params_fail_with_one_message_naming_the_key(change, expected):

@@ -195,3 +195,39 @@ def test_fetch_from_s3_folder_and_tarball(small_cifar, tmp_path, s3_server):
     with pytest.raises(DataError, match=r"could not read s3://datasets/nothing-here/data_batch_1"):
         fetch("s3://datasets/nothing-here", tmp_path / "raw" / "c", checksums)
     assert leftovers(tmp_path / "raw") == ["a", "b"]
+
+
+def test_a_file_that_is_not_a_pickle_and_a_missing_file_are_named(small_cifar, tmp_path):
+    folder, md5_list = small_cifar
+    copy = tmp_path / "copy"
+    fetch(str(folder), copy, read_md5_list(md5_list))
+    (copy / "data_batch_4").write_bytes(b"%PDF-1.7 certainly not a pickle")
+    checksums = read_md5_list(md5_list) | {"data_batch_4": cifar10.md5_of(copy / "data_batch_4")}
+    with pytest.raises(DataError, match="data_batch_4"):
+        load(copy, checksums)
+    (copy / "data_batch_4").unlink()
+    with pytest.raises(DataError, match="data_batch_4"):
+        load(copy, checksums)
+    with pytest.raises(DataError, match="data_batch_4"):
+        fetch(str(copy), tmp_path / "raw" / "again", checksums)
+    assert leftovers(tmp_path / "raw") == []
+
+
+def test_images_for_predict_are_refused_or_converted_clearly(tmp_path):
+    from PIL import Image
+
+    from resattn.inference import load_images
+
+    Image.new("L", (64, 48), 128).save(tmp_path / "grey.png")
+    Image.new("RGBA", (32, 32)).save(tmp_path / "alpha.png")
+    assert load_images([tmp_path / "grey.png", tmp_path / "alpha.png"]).shape == (2, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"missing\.png: no such file"):
+        load_images([tmp_path / "missing.png"])
+    (tmp_path / "text.png").write_text("hello")
+    with pytest.raises(ValueError, match=r"text\.png: not a readable image"):
+        load_images([tmp_path / "text.png"])
+    # A few kB on disk that would decode to 400 million pixels: refused before decoding.
+    Image.new("1", (20000, 20000)).save(tmp_path / "bomb.png")
+    assert (tmp_path / "bomb.png").stat().st_size < 2_000_000
+    with pytest.raises(ValueError, match=r"bomb\.png: not a readable image .*exceeds limit"):
+        load_images([tmp_path / "bomb.png"])

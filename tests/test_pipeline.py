@@ -5,72 +5,21 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import boto3
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from conftest import kill_session, synthetic_split
-from resattn.cifar10 import write_cifar_format
+from conftest import kill_session, recorded_epoch, run, stage_env, synthetic_split
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
-
-
-def stage_env() -> dict[str, str]:
-    env = os.environ | {
-        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-        "PYTHONUNBUFFERED": "1",
-        "DVC_NO_ANALYTICS": "1",
-        # A test run lasts seconds: sample system metrics every second instead of every 10.
-        "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1",
-        "MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING": "1",
-    }
-    env.pop("RESATTN_CIFAR10_SOURCE", None)
-    return env
-
-
-def run(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = stage_env()
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
-    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-    return result
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    """A fresh git + DVC repository holding the project and a small CIFAR-format dataset."""
-    repo = tmp_path_factory.mktemp("project")
-    for name in ("dvc.yaml", "params.yaml", ".gitignore"):
-        shutil.copy(ROOT / name, repo / name)
-    for package in ("pipeline", "resattn"):
-        shutil.copytree(ROOT / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))
-    source = repo.parent / f"{repo.name}-data" / "cifar-10-batches-py"
-    checksums = write_cifar_format(source, synthetic_split(300, 0), synthetic_split(100, 1))
-    md5_list = source.parent / "small.md5"
-    md5_list.write_text("".join(f"{digest}  {name}\n" for name, digest in checksums.items()))
-
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["data"] |= {"source": str(source), "checksums": str(md5_list), "validation_size": 60}
-    params["model"] = {"preset": "attention56_tiny", "overrides": {}}
-    params["train"] |= {"epochs": 2, "batch_size": 32, "label_smoothing": 0.0, "eval_batch_size": 100}
-    params["train"]["schedule"] = {"name": "onecycle", "warmup_epochs": 0.5}
-    params["evaluate"] |= {"mask_images": 3, "batch_size": 50}
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["git", "init", "-q"], repo)
-    run(["dvc", "init", "-q"], repo)
-    run(["git", "add", "-A"], repo)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "project"], repo)
-    return repo
 
 
 def test_dvc_repro_runs_every_stage_registers_a_model_and_then_is_a_no_op(project):
@@ -146,18 +95,6 @@ def _train_history(project: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def _recorded_epoch(storage: Path) -> int:
-    """The latest epoch Ray Train has recorded as checkpointed (0 if none yet)."""
-    snapshots = list(storage.glob("resume-*/checkpoint_manager_snapshot.json"))
-    if not snapshots:
-        return 0
-    try:
-        latest = json.loads(snapshots[0].read_text()).get("latest_checkpoint_result") or {}
-    except json.JSONDecodeError:  # caught mid-write
-        return 0
-    return int(latest.get("metrics", {}).get("epoch", 0))
-
-
 def test_an_interrupted_training_resumes_at_the_next_epoch_with_the_same_metrics(project):
     if not (project / "data/prepared/train.npz").exists():
         run(["dvc", "repro", "preprocess"], project)
@@ -171,13 +108,13 @@ def test_an_interrupted_training_resumes_at_the_next_epoch_with_the_same_metrics
                               start_new_session=True)
     try:
         deadline = time.monotonic() + 300
-        while _recorded_epoch(project / "ray_results") == 0 and driver.poll() is None and time.monotonic() < deadline:
+        while recorded_epoch(project / "ray_results", "resume") == 0 and driver.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
     finally:
         kill_session(driver.pid)  # a crash: the driver, its Ray instance and the workers, at once
         driver.wait(timeout=60)
     assert driver.returncode == -signal.SIGKILL, "training ended before it could be interrupted"
-    done = _recorded_epoch(project / "ray_results")
+    done = recorded_epoch(project / "ray_results", "resume")
     assert 1 <= done < epochs
 
     resumed = run([sys.executable, "-m", "pipeline.train", "--params", "resume.yaml"], project).stdout
@@ -195,3 +132,28 @@ def test_an_interrupted_training_resumes_at_the_next_epoch_with_the_same_metrics
     for a, b in zip(interrupted, straight, strict=True):
         for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
             assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-6, abs=1e-9), (key, a["epoch"])
+
+
+def _file_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_dvc_push_then_pull_into_a_clean_clone_restores_the_data_bit_for_bit(project, s3_server, tmp_path):
+    if not (project / "dvc.lock").exists():
+        run(["dvc", "repro", "preprocess"], project)
+    boto3.client("s3").create_bucket(Bucket="team-resattn-data")
+    # What `python infra/bootstrap.py` prints for an S3-compatible endpoint.
+    run(["dvc", "remote", "add", "-d", "storage", "s3://team-resattn-data/dvc"], project)
+    run(["dvc", "remote", "modify", "storage", "endpointurl", s3_server], project)
+    run(["git", "add", "dvc.lock", ".dvc/config"], project)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "data on the remote"], project)
+    pushed = run(["dvc", "push"], project)
+    assert "pushed" in pushed.stdout
+
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(project), str(clone)], tmp_path)
+    assert not (clone / "data").exists()
+    run(["dvc", "pull", "fetch", "preprocess"], clone)
+    for folder in ("data/raw", "data/prepared"):
+        original, pulled = _file_bytes(project / folder), _file_bytes(clone / folder)
+        assert original and pulled == original, folder

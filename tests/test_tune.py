@@ -1,19 +1,22 @@
 """Ray Tune sweeps: the search space is checked before any trial, a tiny sweep runs for real
-(ASHA, MLflow parent/child runs, the registry), an interrupted sweep resumes, and the sweep
-runs as a Ray job on a `ray start --head` cluster."""
+(ASHA, MLflow parent/child runs, the registry), an interrupted sweep resumes, and on the local
+stack the sweep runs as a Ray job with its state in S3 and its models behind the MLflow server."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
+import urllib.parse
 from pathlib import Path
 
+import boto3
+import psutil
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -185,50 +188,143 @@ def test_an_interrupted_sweep_finishes_on_restore_without_rerunning_finished_tri
         assert len(steps) == len(set(steps)), (child.data.tags["trial_id"], steps)
 
 
+# --------------------------------------------------------------------------------------------
+# The cluster workflow on the local stack (infra/local_stack.py): a Ray head, an MLflow server
+# with S3 artifacts and an S3-compatible server, all real processes on 127.0.0.1
+
+
+@pytest.fixture(scope="module")
+def local_stack(tmp_path_factory):
+    state_dir = tmp_path_factory.mktemp("stack")
+    command = [sys.executable, str(ROOT / "infra" / "local_stack.py")]
+    options = ["--dir", str(state_dir), "--num-cpus", "2"]
+    for flag in ("--s3-port", "--mlflow-port", "--ray-port", "--dashboard-port"):
+        options += [flag, str(free_port())]
+    up = subprocess.run(command + ["up"] + options, env=stage_env(), capture_output=True, text=True, timeout=300)
+    assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-4000:]
+    state = json.loads((state_dir / "stack.json").read_text())
+    try:
+        yield state
+    finally:
+        down = subprocess.run(command + ["down"] + options, env=stage_env(), capture_output=True, text=True, timeout=300)
+        assert down.returncode == 0, down.stderr[-3000:]
+        assert not any(session_processes(session) for session in state["sessions"].values())
+        # Every Ray process names its temp dir on its command line: none may outlive `down`.
+        left = [p.pid for p in psutil.process_iter(["cmdline"]) if state["ray_temp_dir"] in " ".join(p.info["cmdline"] or [])]
+        assert not left, left
+
+
+def stack_overrides(state: dict) -> list[str]:
+    return ["-S", "ray.address=auto", "-S", f"ray.storage_path=s3://{state['buckets']['ray']}/runs",
+            "-S", f"mlflow.tracking_uri={state['mlflow_tracking_uri']}"]
+
+
+def stack_s3(state: dict):
+    env = state["env"]
+    return boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"])
+
+
+def bucket_keys(state: dict, bucket: str, prefix: str = "") -> list[str]:
+    pages = stack_s3(state).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+
 @pytest.mark.slow
-def test_the_sweep_runs_as_a_ray_job_on_a_ray_start_cluster(sweep_project, tmp_path):
+def test_the_local_stack_listens_on_loopback_only(local_stack):
+    ports = {urllib.parse.urlsplit(url).port for url in
+             (local_stack["mlflow_tracking_uri"], local_stack["ray_dashboard"], local_stack["env"]["AWS_ENDPOINT_URL"])}
+    listening = [c for c in psutil.net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port in ports]
+    assert {c.laddr.port for c in listening} == ports
+    assert {c.laddr.ip for c in listening} == {"127.0.0.1"}
+
+
+@pytest.mark.slow
+def test_a_sweep_submitted_to_the_stack_keeps_state_in_s3_and_models_behind_mlflow(sweep_project, local_stack, tmp_path):
     raw = yaml.safe_load((sweep_project / "params.yaml").read_text())
-    raw["tune"] |= {"name": "as-job", "num_samples": 2, "max_epochs": 1}
-    raw["ray"]["address"] = "auto"
+    raw["tune"] |= {"name": "on-stack", "num_samples": 2, "max_epochs": 1}
     raw["data"] |= {"prepared_dir": "data/prepared"}  # relative: found through --root
-    (sweep_project / "as-job.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    (sweep_project / "on-stack.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     job_dir = tmp_path / "job"  # the code alone, as a working dir uploaded to a cluster
     job_dir.mkdir()
     for package in ("pipeline", "resattn"):
-        subprocess.run(["cp", "-r", str(ROOT / package), str(job_dir / package)], check=True)
-    gcs_port, dashboard_port = free_port(), free_port()
-    # Ray's socket paths must stay under 107 bytes: pytest's tmp_path is too deep for them.
-    ray_temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
-    # Ray 2.60 clusters require an auth token (kept in ~/.ray/auth_token by `ray start`); the
-    # CLI sends it only in token mode.
-    env = stage_env() | {"RAY_ADDRESS": f"127.0.0.1:{gcs_port}", "RAY_AUTH_MODE": "token"}
-    head = subprocess.Popen(
-        ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--num-cpus=2",
-         f"--temp-dir={ray_temp}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        address = f"http://127.0.0.1:{dashboard_port}"
-        deadline = time.monotonic() + 120
-        while subprocess.run(["ray", "job", "list", "--address", address], env=env, capture_output=True).returncode:
-            assert time.monotonic() < deadline and head.poll() is None, "the Ray head did not come up"
-            time.sleep(1)
-        excludes = json.dumps({"excludes": [".venv", "data", "mlruns", "mlflow.db", "ray_results", ".git", ".dvc/cache"]})
-        submitted = subprocess.run(
-            ["ray", "job", "submit", "--address", address, "--working-dir", str(job_dir),
-             "--runtime-env-json", excludes, "--", "python", "pipeline/tune.py",
-             "--root", str(sweep_project), "--params", "as-job.yaml"],
-            env=env, capture_output=True, text=True, timeout=900)
-        assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
-        assert "succeeded" in submitted.stdout.lower()
-        client = MlflowClient(f"sqlite:///{sweep_project / 'mlflow.db'}")
-        experiment_id = client.get_experiment_by_name("resattn-cifar10").experiment_id
-        parent = client.search_runs([experiment_id], "tags.role = 'sweep' and tags.sweep = 'as-job'")
-        assert len(parent) == 1
-        assert len(client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent[0].info.run_id}'")) == 2
-    finally:
-        kill_session(head.pid)
-        head.wait(timeout=60)
-        shutil.rmtree(ray_temp, ignore_errors=True)
-    assert not session_processes(head.pid)
+        shutil.copytree(ROOT / package, job_dir / package, ignore=shutil.ignore_patterns("__pycache__"))
+    submitted = subprocess.run(
+        ["ray", "job", "submit", "--address", local_stack["ray_dashboard"], "--working-dir", str(job_dir), "--",
+         "python", "pipeline/tune.py", "--root", str(sweep_project), "--params", "on-stack.yaml",
+         *stack_overrides(local_stack)],
+        env=stage_env() | local_stack["env"], capture_output=True, text=True, timeout=900)
+    assert submitted.returncode == 0, submitted.stdout[-4000:] + submitted.stderr[-3000:]
+    assert "succeeded" in submitted.stdout.lower()
 
+    # Experiment state and checkpoints are in the bucket, not on the local disk.
+    ray_keys = bucket_keys(local_stack, local_stack["buckets"]["ray"], "runs/")
+    assert "runs/on-stack/tuner.pkl" in ray_keys
+    assert any(key.startswith("runs/on-stack/experiment_state") for key in ray_keys)
+    assert any(re.fullmatch(r"runs/on-stack-[^/]+/checkpoint_[^/]+/state\.pt", key) for key in ray_keys), ray_keys
+    assert not (sweep_project / "ray_results" / "on-stack").exists()
+    # MLflow artifacts went through the server into its bucket.
+    artifact_keys = bucket_keys(local_stack, local_stack["buckets"]["mlflow"])
+    assert any(key.endswith("/MLmodel") for key in artifact_keys)
+    assert any(key.endswith("/sweep/trials.md") for key in artifact_keys)
+
+    uri = local_stack["mlflow_tracking_uri"]
+    client = MlflowClient(uri)
+    experiment_id = client.get_experiment_by_name("resattn-cifar10").experiment_id
+    parent = client.search_runs([experiment_id], "tags.role = 'sweep' and tags.sweep = 'on-stack'")
+    assert len(parent) == 1
+    assert len(client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent[0].info.run_id}'")) == 2
+    # The champion loads by alias through the server alone: no S3 credentials in this process.
+    no_aws = {k: v for k, v in stage_env().items() if not k.startswith("AWS_")}
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import mlflow, torch, sys; mlflow.set_tracking_uri(sys.argv[1]); "
+         "model = mlflow.pytorch.load_model('models:/resattn-cifar10@champion'); "
+         "print(tuple(model(torch.rand(3, 3, 32, 32)).shape))", uri],
+        env=no_aws, capture_output=True, text=True, timeout=300)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert loaded.stdout.strip().splitlines()[-1] == "(3, 10)"
+
+
+def _finished_trials_in_s3(state: dict, sweep: str) -> int:
+    client = stack_s3(state)
+    done = 0
+    for key in bucket_keys(state, state["buckets"]["ray"], f"runs/{sweep}/run_trial_"):
+        if key.endswith("/result.json"):
+            lines = client.get_object(Bucket=state["buckets"]["ray"], Key=key)["Body"].read().decode().strip().splitlines()
+            done += bool(lines) and json.loads(lines[-1]).get("done", False)
+    return done
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_restores_from_its_s3_path(sweep_project, local_stack):
+    raw = yaml.safe_load((sweep_project / "params.yaml").read_text())
+    raw["tune"]["name"] = "s3-interrupted"
+    (sweep_project / "s3-interrupted.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    command = [sys.executable, str(ROOT / "pipeline" / "tune.py"), "--params", "s3-interrupted.yaml",
+               *stack_overrides(local_stack)]
+    env = stage_env() | local_stack["env"]
+    driver = subprocess.Popen(command, cwd=sweep_project, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while (_finished_trials_in_s3(local_stack, "s3-interrupted") < 2 and driver.poll() is None
+               and time.monotonic() < deadline):
+            time.sleep(1)
+    finally:
+        kill_session(driver.pid)
+        driver.wait(timeout=60)
+    assert driver.returncode == -signal.SIGKILL, "the sweep ended before it could be interrupted"
+    assert 2 <= _finished_trials_in_s3(local_stack, "s3-interrupted") < 4
+
+    restored = subprocess.run(command, cwd=sweep_project, env=env, capture_output=True, text=True, timeout=900)
+    assert restored.returncode == 0, restored.stdout[-3000:] + restored.stderr[-5000:]
+    assert f"resuming sweep s3-interrupted from s3://{local_stack['buckets']['ray']}/runs/s3-interrupted" in restored.stdout
+    client = MlflowClient(local_stack["mlflow_tracking_uri"])
+    experiment_id = client.get_experiment_by_name("resattn-cifar10").experiment_id
+    parent = client.search_runs([experiment_id], "tags.role = 'sweep' and tags.sweep = 's3-interrupted'")[0]
+    children = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(children) == 4  # no trial lost, none started twice
+    for child in children:
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_accuracy")]
+        assert len(steps) == len(set(steps)), (child.data.tags["trial_id"], steps)

@@ -1,0 +1,230 @@
+"""The cluster workflow on one machine: an S3-compatible server, an MLflow server with S3
+artifacts and a Ray head, all on 127.0.0.1.
+
+    python infra/local_stack.py up      # start all three; prints the settings to use
+    python infra/local_stack.py env     # the same settings again, as `export` lines
+    python infra/local_stack.py down    # stop all of it; no process is left behind
+
+Each service runs in its own process session, recorded in .stack/stack.json; `down` ends
+exactly those sessions (TERM, then KILL after a grace period) and nothing else on the
+machine. The S3 server is moto's server mode (in memory: its data lives as long as it does);
+the buckets are made by infra/bootstrap.py, as on AWS. The S3 keys below are moto's
+placeholders, not secrets: moto accepts any key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psutil
+
+INFRA = Path(__file__).resolve().parent
+PREFIX = "resattn-local"
+BIN = Path(sys.executable).parent
+START_TIMEOUT = 120.0
+STOP_GRACE = 15.0
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as probe:
+        # As servers bind: connections of a stopped one lingering in TIME_WAIT don't count.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def _wait_for(url: str, process: subprocess.Popen, name: str, log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            break
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except urllib.error.HTTPError:
+            return  # it answers (Ray's dashboard asks for its token): it is up
+        except OSError:
+            time.sleep(0.5)
+    tail = log.read_text(errors="replace")[-2000:] if log.is_file() else ""
+    raise RuntimeError(f"{name} did not come up at {url} (log {log}):\n{tail}")
+
+
+def session_processes(session_id: int) -> list[psutil.Process]:
+    """The live processes of one session (zombies are already dead)."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if os.getsid(process.pid) == session_id and process.status() != psutil.STATUS_ZOMBIE:
+                found.append(process)
+        except (ProcessLookupError, psutil.NoSuchProcess, PermissionError):
+            pass
+    return found
+
+
+def stop_processes(processes: list[psutil.Process]) -> None:
+    """TERM, then KILL what is still alive after the grace period."""
+    for process in processes:
+        try:
+            process.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(processes, timeout=STOP_GRACE)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=10)
+
+
+def stop_session(session_id: int) -> None:
+    """TERM the session's leader first (Ray's `--block` head then stops its own children
+    cleanly), then the rest of the session."""
+    try:
+        psutil.Process(session_id).terminate()
+        psutil.Process(session_id).wait(timeout=STOP_GRACE)
+    except (psutil.NoSuchProcess, psutil.TimeoutExpired):
+        pass
+    stop_processes(session_processes(session_id))
+
+
+class Stack:
+    def __init__(self, state_dir: Path):
+        self.state_dir = state_dir.resolve()
+        self.state_file = self.state_dir / "stack.json"
+
+    def load(self) -> dict | None:
+        return json.loads(self.state_file.read_text()) if self.state_file.is_file() else None
+
+    def save(self, state: dict) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        temp = self.state_file.with_suffix(".tmp")
+        temp.write_text(json.dumps(state, indent=2) + "\n")
+        os.replace(temp, self.state_file)
+
+    def _start(self, state: dict, name: str, command: list[str], env: dict[str, str]) -> subprocess.Popen:
+        log = self.state_dir / f"{name}.log"
+        with open(log, "ab") as out:
+            process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, start_new_session=True)
+        state["sessions"][name] = process.pid
+        self.save(state)  # recorded at once, so `down` finds it even if `up` dies next
+        return process
+
+    def up(self, s3_port: int, mlflow_port: int, ray_port: int, dashboard_port: int, num_cpus: int) -> dict:
+        if (existing := self.load()) and any(session_processes(pid) for pid in existing["sessions"].values()):
+            raise SystemExit(f"error: a stack from {self.state_dir} is running; stop it first: python {__file__} down")
+        for flag, port in (("--s3-port", s3_port), ("--mlflow-port", mlflow_port), ("--ray-port", ray_port),
+                           ("--dashboard-port", dashboard_port)):
+            if not _port_is_free(port):
+                raise SystemExit(f"error: port {port} on 127.0.0.1 is taken; pick another with {flag}")
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        s3 = f"http://127.0.0.1:{s3_port}"
+        env = {
+            "AWS_ENDPOINT_URL": s3, "AWS_ACCESS_KEY_ID": "moto-placeholder-key",
+            "AWS_SECRET_ACCESS_KEY": "moto-placeholder-secret", "AWS_DEFAULT_REGION": "us-east-1",
+            "RAY_ADDRESS": f"127.0.0.1:{ray_port}", "RAY_AUTH_MODE": "token",
+        }
+        buckets = {role: f"{PREFIX}-{role}" for role in ("data", "mlflow", "ray")}
+        state = {
+            "sessions": {}, "env": env, "buckets": buckets,
+            "mlflow_tracking_uri": f"http://127.0.0.1:{mlflow_port}",
+            "ray_dashboard": f"http://127.0.0.1:{dashboard_port}",
+            # Ray's socket paths must stay under 107 bytes: a short folder of its own.
+            "ray_temp_dir": tempfile.mkdtemp(prefix="ray-stack-", dir="/tmp"),
+        }
+        child_env = os.environ | env | {"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+        try:
+            moto = self._start(state, "s3", [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)], child_env)
+            _wait_for(f"{s3}/moto-api/", moto, "the S3 server", self.state_dir / "s3.log")
+            subprocess.run([sys.executable, str(INFRA / "bootstrap.py"), "--prefix", PREFIX], env=child_env,
+                           check=True, stdout=subprocess.DEVNULL)
+            mlflow = self._start(state, "mlflow", [
+                str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1",
+                "--backend-store-uri", f"sqlite:///{self.state_dir / 'mlflow.db'}",
+                "--artifacts-destination", f"s3://{buckets['mlflow']}/artifacts",
+            ], child_env | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+            _wait_for(f"{state['mlflow_tracking_uri']}/health", mlflow, "the MLflow server", self.state_dir / "mlflow.log")
+            ray = self._start(state, "ray", [
+                str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={ray_port}",
+                "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", f"--num-cpus={num_cpus}",
+                f"--temp-dir={state['ray_temp_dir']}", "--disable-usage-stats",
+            ], child_env)
+            _wait_for(f"{state['ray_dashboard']}/api/version", ray, "the Ray head", self.state_dir / "ray.log")
+        except BaseException:
+            self.down()
+            raise
+        return state
+
+    def down(self) -> list[str]:
+        state = self.load()
+        if state is None:
+            return []
+        stopped = []
+        for name, session in reversed(list(state["sessions"].items())):
+            if session_processes(session):
+                stop_session(session)
+                stopped.append(name)
+        # Ray workers may start sessions of their own; each names the stack's own temp dir.
+        if temp_dir := state.get("ray_temp_dir"):
+            stop_processes([p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])])
+        shutil.rmtree(state.get("ray_temp_dir", ""), ignore_errors=True)
+        self.state_file.unlink()
+        return stopped
+
+
+def describe(state: dict) -> str:
+    exports = "\n".join(f"export {key}={value}" for key, value in state["env"].items())
+    settings = (f"-S mlflow.tracking_uri={state['mlflow_tracking_uri']} -S ray.address=auto "
+                f"-S ray.storage_path=s3://{state['buckets']['ray']}/runs")
+    return f"""\
+{exports}
+# then run the pipeline or a sweep against the stack:
+#   dvc exp run {settings}
+#   ray job submit --address {state['ray_dashboard']} --working-dir . -- python pipeline/tune.py --root $PWD {settings}
+# MLflow UI: {state['mlflow_tracking_uri']}   Ray dashboard: {state['ray_dashboard']}"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=["up", "down", "env"])
+    parser.add_argument("--dir", type=Path, default=Path(".stack"), help="state, logs and the MLflow database")
+    parser.add_argument("--s3-port", type=int, default=9000)
+    parser.add_argument("--mlflow-port", type=int, default=5000)
+    parser.add_argument("--ray-port", type=int, default=6379)
+    parser.add_argument("--dashboard-port", type=int, default=8265)
+    parser.add_argument("--num-cpus", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args(argv)
+    stack = Stack(args.dir)
+    if args.action == "up":
+        try:
+            state = stack.up(args.s3_port, args.mlflow_port, args.ray_port, args.dashboard_port, args.num_cpus)
+        except (RuntimeError, subprocess.CalledProcessError) as error:
+            raise SystemExit(f"error: {error}\n(everything it had started is stopped again)") from None
+        print(describe(state))
+    elif args.action == "down":
+        stopped = stack.down()
+        print(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running", file=sys.stderr)
+    else:
+        state = stack.load()
+        if state is None:
+            raise SystemExit(f"error: no stack in {stack.state_dir}; start one with: python {__file__} up")
+        print(describe(state))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,323 @@
+"""Fault injection, for real: a Ray Train worker SIGKILLed mid-epoch, checkpoints truncated on
+disk, a preprocess killed mid-write, a tracking server that is not there. Each test asserts
+what a user relies on afterwards: the run finishes with the metrics it would have had, or
+stops with one message naming what is wrong, and nothing half-written is ever taken as valid.
+(The driver and sweep kills are in test_pipeline.py and test_tune.py.)"""
+
+from __future__ import annotations
+
+import csv
+import errno
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from conftest import (
+    BIN,
+    free_port,
+    kill_session,
+    recorded_checkpoint,
+    recorded_epoch,
+    run,
+    session_processes,
+    stage_env,
+)
+from resattn.data import write_json
+
+pytestmark = pytest.mark.slow
+EPOCHS = 6
+
+
+def history(project: Path) -> list[dict]:
+    with open(project / "reports/train_history.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def write_params(project: Path, run_name: str, **train) -> str:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"] |= {"epochs": EPOCHS} | train
+    params["ray"]["run_name"] = run_name
+    (project / f"{run_name}.yaml").write_text(yaml.safe_dump(params))
+    return f"{run_name}.yaml"
+
+
+def start_training(project: Path, params_file: str, log: Path) -> subprocess.Popen:
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "pipeline.train", "--params", params_file], cwd=project,
+                                env=stage_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_for_epoch(root: Path, run_name: str, epoch: int, driver: subprocess.Popen, storage: str = "ray_results") -> None:
+    deadline = time.monotonic() + 300
+    while recorded_epoch(root / storage, run_name) < epoch:
+        assert driver.poll() is None, "training ended before the fault could be injected"
+        assert time.monotonic() < deadline, "no checkpoint within 5 minutes"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(project) -> list[dict]:
+    """The reference: the same params, seed and data, never interrupted."""
+    if not (project / "data/prepared/train.npz").exists():
+        run(["dvc", "repro", "preprocess"], project)
+    run([sys.executable, "-m", "pipeline.train", "--params", write_params(project, "reference")], project)
+    return history(project)
+
+
+def assert_same_metrics(resumed: list[dict], reference: list[dict]) -> None:
+    assert [int(row["epoch"]) for row in resumed] == list(range(1, EPOCHS + 1))
+    for a, b in zip(resumed, reference, strict=True):
+        for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
+            # Resuming at an epoch boundary replays the same shuffles, augmentations and
+            # weights: equal up to float summation order (1e-6 relative).
+            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-6, abs=1e-9), (key, a["epoch"])
+
+
+def test_a_worker_killed_mid_epoch_restarts_from_the_latest_checkpoint(project, uninterrupted, tmp_path):
+    log = tmp_path / "train.log"
+    driver = start_training(project, write_params(project, "worker-kill"), log)
+    try:
+        wait_for_epoch(project, "worker-kill", 2, driver)
+        workers = [p for p in session_processes(driver.pid) if " ".join(p.cmdline()).startswith("ray::RayTrainWorker")]
+        assert workers, "no Ray Train worker found"
+        workers[-1].send_signal(signal.SIGKILL)  # in the epoch after the checkpoint of epoch 2
+        killed_at = recorded_epoch(project / "ray_results", "worker-kill")
+        assert driver.wait(timeout=600) == 0, log.read_text()[-5000:]
+    finally:
+        kill_session(driver.pid)
+    out = log.read_text()
+    assert killed_at < EPOCHS
+    # The group restarts from the newest checkpoint: only the epoch in flight is redone.
+    assert f"resuming from the checkpoint of epoch {killed_at}" in out, out[-5000:]
+    assert_same_metrics(history(project), uninterrupted)
+
+
+def checkpoint_files(project: Path, run_name: str) -> list[Path]:
+    return sorted((project / "ray_results").glob(f"{run_name}-*/checkpoint_*/state.pt"))
+
+
+def interrupt_after(project: Path, run_name: str, epoch: int, tmp_path: Path) -> str:
+    params_file = write_params(project, run_name)
+    driver = start_training(project, params_file, tmp_path / "first.log")
+    try:
+        wait_for_epoch(project, run_name, epoch, driver)
+    finally:
+        kill_session(driver.pid)  # driver, its Ray and the workers, at once
+        driver.wait(timeout=60)
+    return params_file
+
+
+def test_a_truncated_latest_checkpoint_is_skipped_for_the_one_before(project, uninterrupted, tmp_path):
+    params_file = interrupt_after(project, "truncated", 3, tmp_path)
+    latest = recorded_checkpoint(project / "ray_results", "truncated") / "state.pt"
+    assert [f for f in checkpoint_files(project, "truncated") if f < latest]  # one kept before it
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])
+    resumed = run([sys.executable, "-m", "pipeline.train", "--params", params_file], project).stdout
+    assert f"warning: checkpoint {latest} is unreadable (RuntimeError: " in resumed
+    assert "resuming from the checkpoint of epoch" in resumed
+    assert_same_metrics(history(project), uninterrupted)
+
+
+def test_when_no_checkpoint_loads_the_error_names_every_file(project, tmp_path):
+    params_file = interrupt_after(project, "all-corrupt", 2, tmp_path)
+    latest = recorded_checkpoint(project / "ray_results", "all-corrupt") / "state.pt"
+    files = [f for f in checkpoint_files(project, "all-corrupt") if f <= latest]  # the ones resume may use
+    assert files
+    for path in files:
+        path.write_bytes(b"not a checkpoint")
+    result = subprocess.run([sys.executable, "-m", "pipeline.train", "--params", params_file], cwd=project,
+                            env=stage_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    error = errors[0]
+    assert error.startswith("error: training run all-corrupt-") and "no readable checkpoint to resume from" in error
+    for path in files:
+        assert str(path) in error
+        assert path.read_bytes() == b"not a checkpoint"  # evidence kept, nothing overwritten
+
+
+def test_a_preprocess_killed_mid_write_leaves_nothing_that_passes_for_prepared_data(project, tmp_path):
+    run(["dvc", "repro", "fetch"], project)
+    prepared = project / "data" / "prepared"
+    before = {p.name: p.read_bytes() for p in prepared.iterdir()} if prepared.is_dir() else None
+    for delay in (0.5, 1.0, 1.5, 2.0, 2.5, 3.0):
+        process = subprocess.Popen([sys.executable, "-m", "pipeline.preprocess"], cwd=project, env=stage_env(),
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        time.sleep(delay)
+        kill_session(process.pid)
+        process.wait(timeout=60)
+        # Either the complete folder of a finished run (old or new), or none at all.
+        if prepared.exists():
+            names = sorted(p.name for p in prepared.iterdir())
+            assert names == ["stats.json", "test.npz", "train.npz", "val.npz"], (delay, names)
+            if before is not None and process.returncode != 0:
+                assert {p.name: p.read_bytes() for p in prepared.iterdir()} == before
+    run([sys.executable, "-m", "pipeline.preprocess"], project)
+    assert sorted(p.name for p in prepared.iterdir()) == ["stats.json", "test.npz", "train.npz", "val.npz"]
+    assert not list(prepared.parent.glob(".prepared-staging-*"))  # the killed runs' leftovers are gone
+
+
+def test_an_unreachable_tracking_server_stops_training_before_it_starts(project, tmp_path):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["mlflow"]["tracking_uri"] = f"http://127.0.0.1:{free_port()}"
+    (project / "no-server.yaml").write_text(yaml.safe_dump(params))
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "pipeline.train", "--params", "no-server.yaml"], cwd=project,
+                            env=stage_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: mlflow.tracking_uri {params['mlflow']['tracking_uri']}: the MLflow server is unreachable "
+        "([Errno 111] Connection refused); start it (python infra/local_stack.py up, for a local one) or fix the URI"]
+    assert time.monotonic() - started < 60 and result.stdout == ""  # no run opened, no Ray started
+
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 that a test can stop and start again (same store)."""
+
+    def __init__(self, root: Path):
+        self.root, self.port = root, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+             "--artifacts-destination", str(self.root / "artifacts")],
+            env=stage_env() | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.uri}/health", timeout=2).close()
+                return
+            except OSError:
+                assert time.monotonic() < deadline and self.process.poll() is None, "mlflow server did not start"
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            kill_session(self.process.pid)
+            self.process.wait(timeout=60)
+            self.process = None
+
+
+def test_a_tracking_server_lost_mid_run_costs_no_training_and_the_rerun_logs_the_rest(project, tmp_path):
+    if not (project / "data/prepared/train.npz").exists():
+        run(["dvc", "repro", "preprocess"], project)
+    server = MlflowServer(tmp_path)
+    server.start()
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"] |= {"epochs": EPOCHS}
+    params["ray"]["run_name"] = "outage"
+    params["mlflow"]["tracking_uri"] = server.uri
+    (project / "outage.yaml").write_text(yaml.safe_dump(params))
+    command = [sys.executable, "-m", "pipeline.train", "--params", "outage.yaml"]
+    env = stage_env() | {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"}  # fail fast once the server is gone
+    try:
+        with open(tmp_path / "train.log", "w") as out:
+            driver = subprocess.Popen(command, cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                      start_new_session=True)
+        try:
+            wait_for_epoch(project, "outage", 1, driver)
+            server.stop()
+            assert driver.wait(timeout=600) == 1
+        finally:
+            kill_session(driver.pid)
+        out = (tmp_path / "train.log").read_text()
+        assert "could not log epoch" in out and "training goes on" in out
+        assert f"epoch {EPOCHS}/{EPOCHS}:" in out  # every epoch trained despite the outage
+        errors = [line for line in out.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and errors[0].startswith(
+            f"error: training finished and models/model.pt is saved, but MLflow at {server.uri} did not take")
+        assert (project / "models/model.pt").is_file() and checkpoint_files(project, "outage")
+
+        server.start()
+        again = run(command, project).stdout
+        assert "epoch 1/" not in again  # nothing retrained
+        assert "epoch metric values that MLflow had missed" in again
+        client = MlflowClient(server.uri)
+        mlflow_run = client.search_runs([client.get_experiment_by_name("resattn-cifar10").experiment_id],
+                                        "tags.ray_run LIKE 'outage-%'")[0]
+        steps = [m.step for m in client.get_metric_history(mlflow_run.info.run_id, "val_accuracy")]
+        assert sorted(steps) == list(range(1, EPOCHS + 1))  # each epoch once
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A real 16 MiB filesystem (tmpfs) that a test can fill to the last byte."""
+    mount_point = tmp_path / "small-fs"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+def fill(filesystem: Path) -> Path:
+    """Write zeros until the filesystem refuses: ENOSPC, for real."""
+    filler = filesystem / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+        except OSError as error:
+            assert error.errno == errno.ENOSPC
+    return filler
+
+
+def test_outputs_on_a_full_disk_fail_clearly_and_keep_the_previous_file(small_filesystem):
+    target = small_filesystem / "reports" / "evaluate.json"
+    write_json(target, {"test_accuracy": 0.5})
+    filler = fill(small_filesystem)
+    with pytest.raises(OSError) as error:
+        write_json(target, {"test_accuracy": 0.9, "padding": "x" * 1_000_000})
+    assert error.value.errno == errno.ENOSPC
+    assert json.loads(target.read_text()) == {"test_accuracy": 0.5}
+    assert sorted(p.name for p in target.parent.iterdir()) == ["evaluate.json"]  # no temp file left
+    filler.unlink()
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_last_good_checkpoint_and_resumes(project, small_filesystem, tmp_path):
+    if not (project / "data/prepared/train.npz").exists():
+        run(["dvc", "repro", "preprocess"], project)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"] |= {"epochs": EPOCHS, "max_failures": 1}
+    params["ray"] |= {"run_name": "disk-full", "storage_path": str(small_filesystem / "runs")}
+    (project / "disk-full.yaml").write_text(yaml.safe_dump(params))
+    driver = start_training(project, "disk-full.yaml", tmp_path / "train.log")
+    try:
+        wait_for_epoch(small_filesystem, "disk-full", 1, driver, storage="runs")
+        filler = fill(small_filesystem)
+        assert driver.wait(timeout=600) == 1
+    finally:
+        kill_session(driver.pid)
+    errors = [line for line in (tmp_path / "train.log").read_text().splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1
+    error = errors[0]
+    assert error.startswith("error: training run disk-full-") and "No space left on device" in error, error
+    saved = sorted((small_filesystem / "runs").glob("disk-full-*/checkpoint_*/state.pt"))
+    assert saved
+    state = torch.load(saved[0], map_location="cpu", weights_only=True)  # still whole and loadable
+    assert state["epoch"] >= 0
+
+    filler.unlink()  # space again: the rerun resumes from that checkpoint
+    resumed = run([sys.executable, "-m", "pipeline.train", "--params", "disk-full.yaml"], project).stdout
+    assert "resuming from the checkpoint of epoch" in resumed
+    assert [int(row["epoch"]) for row in history(project)] == list(range(1, EPOCHS + 1))
