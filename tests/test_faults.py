@@ -321,3 +321,29 @@ def test_a_full_disk_while_checkpointing_keeps_the_last_good_checkpoint_and_resu
     resumed = run([sys.executable, "-m", "pipeline.train", "--params", "disk-full.yaml"], project).stdout
     assert "resuming from the checkpoint of epoch" in resumed
     assert [int(row["epoch"]) for row in history(project)] == list(range(1, EPOCHS + 1))
+
+
+def test_a_killed_dvc_repro_resumes_training_when_rerun(project, uninterrupted, tmp_path):
+    """The same, one level up: `dvc repro` killed (with its stage, its Ray and the workers)."""
+    original = (project / "params.yaml").read_text()
+    params = yaml.safe_load(original)
+    params["train"] |= {"epochs": EPOCHS}
+    params["ray"]["run_name"] = "repro-kill"
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    try:
+        with open(tmp_path / "repro.log", "w") as out:
+            driver = subprocess.Popen(["dvc", "repro", "train"], cwd=project, env=stage_env(), stdout=out,
+                                      stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_for_epoch(project, "repro-kill", 2, driver)
+        finally:
+            kill_session(driver.pid)
+            driver.wait(timeout=60)
+        done = recorded_epoch(project / "ray_results", "repro-kill")
+        assert 2 <= done < EPOCHS
+        again = run(["dvc", "repro", "train"], project).stdout
+        assert f"resuming from the checkpoint of epoch {done}" in again
+        assert all(f"epoch {e}/{EPOCHS}:" not in again for e in range(1, done + 1))
+        assert_same_metrics(history(project), uninterrupted)
+    finally:
+        (project / "params.yaml").write_text(original)
