@@ -47,7 +47,7 @@ def _port_is_free(port: int) -> bool:
             return False
 
 
-def _wait_for(url: str, process: subprocess.Popen, name: str, log: Path) -> None:
+def wait_for(url: str, process: subprocess.Popen, name: str, log: Path) -> None:
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -150,7 +150,7 @@ class Stack:
         child_env = os.environ | env | {"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
         try:
             moto = self._start(state, "s3", [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)], child_env)
-            _wait_for(f"{s3}/moto-api/", moto, "the S3 server", self.state_dir / "s3.log")
+            wait_for(f"{s3}/moto-api/", moto, "the S3 server", self.state_dir / "s3.log")
             subprocess.run([sys.executable, str(INFRA / "bootstrap.py"), "--prefix", PREFIX], env=child_env,
                            check=True, stdout=subprocess.DEVNULL)
             mlflow = self._start(state, "mlflow", [
@@ -158,13 +158,13 @@ class Stack:
                 "--backend-store-uri", f"sqlite:///{self.state_dir / 'mlflow.db'}",
                 "--artifacts-destination", f"s3://{buckets['mlflow']}/artifacts",
             ], child_env | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-            _wait_for(f"{state['mlflow_tracking_uri']}/health", mlflow, "the MLflow server", self.state_dir / "mlflow.log")
+            wait_for(f"{state['mlflow_tracking_uri']}/health", mlflow, "the MLflow server", self.state_dir / "mlflow.log")
             ray = self._start(state, "ray", [
                 str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={ray_port}",
                 "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", f"--num-cpus={num_cpus}",
                 f"--temp-dir={state['ray_temp_dir']}", "--disable-usage-stats",
             ], child_env)
-            _wait_for(f"{state['ray_dashboard']}/api/version", ray, "the Ray head", self.state_dir / "ray.log")
+            wait_for(f"{state['ray_dashboard']}/api/version", ray, "the Ray head", self.state_dir / "ray.log")
         except BaseException:
             self.down()
             raise

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -31,6 +30,7 @@ from conftest import (
     session_processes,
     stage_env,
 )
+from local_stack import wait_for
 from resattn.data import write_json
 
 pytestmark = pytest.mark.slow
@@ -196,14 +196,7 @@ class MlflowServer:
              "--artifacts-destination", str(self.root / "artifacts")],
             env=stage_env() | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.uri}/health", timeout=2).close()
-                return
-            except OSError:
-                assert time.monotonic() < deadline and self.process.poll() is None, "mlflow server did not start"
-                time.sleep(0.5)
+        wait_for(f"{self.uri}/health", self.process, "the MLflow server", self.root / "no.log")
 
     def stop(self) -> None:
         if self.process is not None:

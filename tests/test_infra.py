@@ -14,9 +14,6 @@ import time
 import tomllib
 from pathlib import Path
 
-import urllib.error
-import urllib.request
-
 import boto3
 import pytest
 import yaml
@@ -27,6 +24,7 @@ from pipeline.remote import check_run_services, check_s3_location, check_trackin
 
 sys.path.insert(0, str(ROOT / "infra"))
 import bootstrap  # noqa: E402
+from local_stack import wait_for  # noqa: E402
 
 BIN = Path(sys.executable).parent
 FAKE_SECRET = "fake-secret-that-must-never-be-printed"
@@ -114,18 +112,8 @@ def test_missing_credentials_say_where_they_come_from(monkeypatch, tmp_path, s3_
     assert "no AWS credentials found; provide them through the standard AWS chain" in str(error.value)
 
 
-def answers(url: str) -> bool:
-    try:
-        urllib.request.urlopen(url, timeout=2).close()
-    except urllib.error.HTTPError:
-        return True  # an error status is still an answer
-    except OSError:
-        return False
-    return True
-
-
 @pytest.fixture
-def s3_server_checking_credentials(monkeypatch):
+def s3_server_checking_credentials(monkeypatch, tmp_path):
     """moto's server with authentication on: it knows no access key, so every key is wrong."""
     port = free_port()
     server = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
@@ -133,10 +121,7 @@ def s3_server_checking_credentials(monkeypatch):
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while not answers(endpoint):
-            assert time.monotonic() < deadline and server.poll() is None, "moto did not start"
-            time.sleep(0.2)
+        wait_for(endpoint, server, "moto", tmp_path / "no.log")
         monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
         monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAFAKEFAKEFAKEFAKE")
