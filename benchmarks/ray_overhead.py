@@ -1,14 +1,18 @@
 """What Ray Train costs: the same training epochs in a plain in-process loop and through a
-one-worker TorchTrainer, side by side in one run. Prints images/s per epoch and the ratio, and
-Ray's fixed start-up; record results in BENCHMARKS.md.
+one-worker TorchTrainer, in interleaved rounds of one run. Prints images/s, the CPU the training
+process got, the median ratio over rounds, and Ray's fixed start-up; record results in
+BENCHMARKS.md.
 
-    python benchmarks/ray_overhead.py --preset attention56_narrow --images 8192 --epochs 3
+    python benchmarks/ray_overhead.py --preset attention56_narrow --images 4096 --epochs 4 --rounds 3
 
-Both paths run `timed_epochs` below: the same data, initial weights, optimizer, thread count
-and fast paths (channels_last, bf16 autocast). The Ray worker also does what the pipeline's
-worker does each epoch and the plain loop does not need: report metrics with a checkpoint of
-the full training state. A third row runs the pipeline's CPU default, two workers of one thread
-each with DDP, to show what data parallelism buys on this machine.
+Each round runs the plain loop with no Ray running, then a one-worker fit on a fresh local Ray
+for each Ray set-up: Ray's defaults (dashboard, every Train V2 helper) and the pipeline's own
+`start_ray` (params.yaml's `ray` section: no dashboard, no preemption watcher, no Train
+metrics). Rounds interleave so that drift in the machine's speed (other tenants, clocks)
+lands on every path alike. Every path runs `timed_epochs` below: the same data, initial
+weights, optimizer, thread count and fast paths (channels_last, bf16 autocast); the Ray worker
+also reports metrics with a checkpoint of the full training state each epoch, as the
+pipeline's does. `--ddp` adds the pipeline's CPU default, two workers of one thread each.
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import ray
@@ -25,16 +31,19 @@ import ray.train
 import ray.train.torch
 import torch
 
+from pipeline.config import load_params
+from pipeline.train import LOCAL_RAY_ENV, start_ray
 from resattn import cifar10, create_model
 from resattn.data import Normalization, channel_stats, to_tensor_nchw
 from resattn.training import build_optimizer, build_scheduler, train_epoch, unwrap
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "cifar-10-batches-py"
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "cifar-10-batches-py"
 
 
-def timed_epochs(config: dict, data: tuple, in_ray: bool) -> list[float]:
-    """Seconds per epoch; in a Ray worker each epoch ends as the pipeline's do, reporting
-    metrics with a checkpoint."""
+def timed_epochs(config: dict, data: tuple, in_ray: bool) -> list[tuple[float, float]]:
+    """(wall seconds, CPU seconds of this process) per epoch; in a Ray worker each epoch ends as
+    the pipeline's do, reporting metrics with a checkpoint."""
     torch.set_num_threads(config["threads"])
     images, labels, norm = data
     rank, world_size = (ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()) if in_ray else (0, 1)
@@ -45,9 +54,9 @@ def timed_epochs(config: dict, data: tuple, in_ray: bool) -> list[float]:
     optimizer = build_optimizer(model, "sgd", 0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
     steps = len(labels) // config["batch_size"]
     scheduler = build_scheduler(optimizer, total_steps=steps * config["epochs"], schedule="onecycle", warmup_steps=steps // 2)
-    seconds = []
+    epochs = []
     for epoch in range(config["epochs"]):
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         train_epoch(model, optimizer, scheduler, images, labels, norm, batch_size=config["batch_size"] // world_size,
                     seed=0, epoch=epoch, rank=rank, world_size=world_size, channels_last=True,
                     autocast_dtype=torch.bfloat16)
@@ -60,39 +69,62 @@ def timed_epochs(config: dict, data: tuple, in_ray: bool) -> list[float]:
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
             else:
                 ray.train.report(metrics)
-        seconds.append(time.perf_counter() - started)
-    return seconds
+        epochs.append((time.perf_counter() - started, time.process_time() - cpu_started))
+    return epochs
 
 
 def ray_worker(config: dict) -> None:
-    seconds = timed_epochs(config, ray.get(config["data"]), in_ray=True)
+    epochs = timed_epochs(config, ray.get(config["data"]), in_ray=True)
     # Train V2's result carries the metrics of the last report *with* a checkpoint.
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = ray.train.Checkpoint.from_directory(directory) if ray.train.get_context().get_world_rank() == 0 else None
-        ray.train.report({"epoch_seconds": seconds}, checkpoint=checkpoint)
+        ray.train.report({"epochs": epochs}, checkpoint=checkpoint)
 
 
-def through_ray(config: dict, data_ref, workers: int, threads: int, storage: str) -> tuple[list[float], float]:
-    """(seconds per epoch inside the worker, wall seconds of the whole fit)."""
-    trainer = ray.train.torch.TorchTrainer(
-        ray_worker,
-        train_loop_config=config | {"data": data_ref, "threads": threads},
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, resources_per_worker={"CPU": threads}),
-        run_config=ray.train.RunConfig(name=f"overhead-{workers}x{threads}-{time.time_ns()}", storage_path=storage),
-    )
+@contextmanager
+def local_ray(setup: str, cpus: int):
+    """A fresh local Ray with Ray's defaults or the pipeline's set-up; shut down on exit."""
+    saved = {key: os.environ.pop(key) for key in LOCAL_RAY_ENV if key in os.environ}
     started = time.perf_counter()
-    result = trainer.fit()
-    return result.metrics["epoch_seconds"], time.perf_counter() - started
+    if setup == "defaults":
+        ray.init(num_cpus=cpus, dashboard_host="127.0.0.1", runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}})
+    else:
+        start_ray(load_params(ROOT / "params.yaml"))
+    try:
+        yield time.perf_counter() - started
+    finally:
+        ray.shutdown()
+        for key in LOCAL_RAY_ENV:
+            os.environ.pop(key, None)
+        os.environ.update(saved)
+
+
+def through_ray(config: dict, data: tuple, workers: int, threads: int) -> tuple[list[tuple[float, float]], float]:
+    """(per-epoch wall and CPU seconds inside rank 0, wall seconds of the whole fit)."""
+    with tempfile.TemporaryDirectory(prefix="ray-overhead-") as storage:
+        trainer = ray.train.torch.TorchTrainer(
+            ray_worker,
+            train_loop_config=config | {"data": ray.put(data), "threads": threads},
+            scaling_config=ray.train.ScalingConfig(num_workers=workers, resources_per_worker={"CPU": threads}),
+            run_config=ray.train.RunConfig(name=f"overhead-{workers}x{threads}", storage_path=storage),
+        )
+        started = time.perf_counter()
+        result = trainer.fit()
+        return result.metrics["epochs"], time.perf_counter() - started
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="CIFAR-10 python-version folder")
     parser.add_argument("--preset", default="attention56_narrow")
-    parser.add_argument("--images", type=int, default=8192, help="training images per epoch")
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--images", type=int, default=4096, help="training images per epoch")
+    parser.add_argument("--epochs", type=int, default=4, help="per run; the first is warm-up and not compared")
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--ddp", action="store_true", help="also two one-thread workers (the pipeline's CPU default)")
     args = parser.parse_args()
+    if args.epochs < 2:
+        parser.error("--epochs must be at least 2: the first epoch is warm-up")
     cpus = os.cpu_count() or 1
 
     train, _ = cifar10.load(args.data)
@@ -101,35 +133,50 @@ def main() -> None:
             Normalization(tuple(mean), tuple(std)))
     config = {"preset": args.preset, "epochs": args.epochs, "batch_size": args.batch_size}
     print(f"# {platform.processor() or platform.machine()}, {cpus} CPUs, torch {torch.__version__}, ray {ray.__version__}; "
-          f"{args.preset}, {args.images} images x {args.epochs} epochs, batch {args.batch_size}, bf16, channels_last")
+          f"{args.preset}, {args.images} images x {args.epochs} epochs, batch {args.batch_size}, bf16, channels_last; "
+          f"{args.rounds} rounds", flush=True)
 
-    plain = timed_epochs(config | {"threads": cpus}, data, in_ray=False)
-    started = time.perf_counter()
-    # The dashboard (on loopback) serves the state API that Train V2 polls.
-    ray.init(num_cpus=cpus, dashboard_host="127.0.0.1", runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}})
-    init_seconds = time.perf_counter() - started
-    data_ref = ray.put(data)
-    with tempfile.TemporaryDirectory(prefix="ray-overhead-") as storage:
-        one, one_wall = through_ray(config, data_ref, workers=1, threads=cpus, storage=storage)
-        two, two_wall = (through_ray(config, data_ref, workers=2, threads=cpus // 2, storage=storage)
-                         if cpus >= 2 else (None, None))
-    ray.shutdown()
+    paths = {"plain loop, 1 process": [], "Ray defaults, 1 worker": [], "pipeline's Ray, 1 worker": []}
+    if args.ddp:
+        paths[f"pipeline's Ray, 2 workers x {cpus // 2} thread(s), DDP"] = []
+    fixed = []
 
-    def rates(seconds: list[float]) -> str:
-        return ", ".join(f"{args.images / s:.0f}" for s in seconds)
+    def show(name: str, epochs: list[tuple[float, float]], threads: int = cpus) -> None:
+        # The first epoch carries one-off warm-up (allocator, oneDNN kernel selection).
+        steady = epochs[1:]
+        rates = ", ".join(f"{args.images / wall:.0f}" for wall, _ in epochs)
+        cpu_share = sum(cpu for _, cpu in steady) / sum(wall for wall, _ in steady)
+        print(f"  {name:48s} img/s per epoch {rates:24s} CPU {100 * cpu_share:.0f}% of {100 * threads}%", flush=True)
 
-    # The first epoch carries one-off warm-up (allocator, oneDNN kernel selection): compare the rest.
-    steady = slice(1, None) if args.epochs > 1 else slice(None)
-    plain_steady = sum(plain[steady])
-    print(f"plain loop, 1 process x {cpus} threads:      img/s per epoch {rates(plain)}")
-    print(f"Ray Train, 1 worker x {cpus} threads:        img/s per epoch {rates(one)}   "
-          f"steady epochs take {sum(one[steady]) / plain_steady:.3f}x the plain loop's "
-          f"(overhead {100 * (sum(one[steady]) / plain_steady - 1):+.1f}%)")
-    if two is not None:
-        print(f"Ray Train, 2 workers x {cpus // 2} thread(s), DDP: img/s per epoch {rates(two)}   "
-              f"steady epochs take {sum(two[steady]) / plain_steady:.3f}x the plain loop's")
-    print(f"fixed costs: ray.init {init_seconds:.1f} s; one-worker fit outside its epochs "
-          f"{one_wall - sum(one):.1f} s (worker start, data, model)")
+    for round_index in range(args.rounds):
+        print(f"round {round_index + 1}:", flush=True)
+        names = iter(paths)
+        name = next(names)
+        paths[name].append(timed_epochs(config | {"threads": cpus}, data, in_ray=False))
+        show(name, paths[name][-1])
+        for setup in ("defaults", "pipeline"):
+            with local_ray(setup, cpus) as init_seconds:
+                name = next(names)
+                epochs, wall = through_ray(config, data, workers=1, threads=cpus)
+                paths[name].append(epochs)
+                show(name, epochs)
+                if setup == "pipeline":
+                    fixed.append((init_seconds, wall - sum(w for w, _ in epochs)))
+                    if args.ddp:
+                        name = next(names)
+                        paths[name].append(through_ray(config, data, workers=2, threads=max(cpus // 2, 1))[0])
+                        show(name, paths[name][-1], threads=max(cpus // 2, 1))
+
+    def steady_seconds(epochs: list[tuple[float, float]]) -> float:
+        return sum(wall for wall, _ in epochs[1:])
+
+    plain = [steady_seconds(epochs) for epochs in paths["plain loop, 1 process"]]
+    print("steady epoch time against the plain loop of the same round (median over rounds):")
+    for name, runs in list(paths.items())[1:]:
+        ratios = [steady_seconds(epochs) / base for epochs, base in zip(runs, plain)]
+        print(f"  {name:48s} {statistics.median(ratios):.3f}x  (rounds: {', '.join(f'{r:.3f}' for r in ratios)})")
+    print(f"fixed costs of the pipeline's Ray: start {statistics.median(i for i, _ in fixed):.1f} s; a one-worker fit "
+          f"outside its epochs {statistics.median(o for _, o in fixed):.1f} s (controller and worker start, data, model)")
 
 
 if __name__ == "__main__":

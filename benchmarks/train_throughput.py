@@ -2,6 +2,7 @@
 against resattn's fast paths. Prints images/s and ratios; record results in BENCHMARKS.md.
 
     python benchmarks/train_throughput.py --presets attention56_narrow attention92 --images 1024
+    python benchmarks/train_throughput.py --presets attention92 --images 16384 --compile   # on a CUDA GPU
 
 (a) reference: torchvision per-image PIL transforms (pad-4 random crop, flip, ToTensor,
     Normalize) through a DataLoader, batch 64, eager fp32, NCHW — how the popular ports train;
@@ -9,6 +10,8 @@ against resattn's fast paths. Prints images/s and ratios; record results in BENC
     bf16 autocast, and (with --compile) torch.compile.
 Every variant runs the same model (same initial weights), optimizer and image count. The data
 path alone (load + augment + normalise) is timed too, since it must never bound training.
+On a CUDA GPU (the default when one is visible, else `--device cpu`) the reference's batches
+are copied to it from pinned memory and ours live on it whole, as in the pipeline.
 """
 
 from __future__ import annotations
@@ -44,38 +47,48 @@ class PilDataset(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.images[index])), int(self.labels[index])
 
 
-def reference_loader(images, labels, norm: Normalization, batch_size: int, workers: int):
+def reference_loader(images, labels, norm: Normalization, batch_size: int, workers: int,
+                     device: torch.device = torch.device("cpu")):
     transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
                            T.Normalize(norm.mean, norm.std)])
     return torch.utils.data.DataLoader(PilDataset(images, labels, transform), batch_size=batch_size,
-                                       shuffle=True, num_workers=workers, drop_last=True)
+                                       shuffle=True, num_workers=workers, drop_last=True,
+                                       pin_memory=device.type == "cuda")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":  # kernels run asynchronously: wait for them before reading the clock
+        torch.cuda.synchronize(device)
 
 
 def time_reference(preset: str, images, labels, norm, args) -> float:
     torch.manual_seed(0)
-    model = create_model(preset).train()
+    model = create_model(preset).to(args.device).train()
     optimizer = build_optimizer(model, "sgd", 0.05, weight_decay=5e-4)
     seen, started = 0, None
-    for step, (x, y) in enumerate(reference_loader(images, labels, norm, 64, args.loader_workers)):
+    for step, (x, y) in enumerate(reference_loader(images, labels, norm, 64, args.loader_workers, args.device)):
         if step == args.warmup_steps:
+            synchronize(args.device)
             started, seen = time.perf_counter(), 0
+        x, y = x.to(args.device, non_blocking=True), y.to(args.device, non_blocking=True)
         loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         seen += len(y)
+    synchronize(args.device)
     return seen / (time.perf_counter() - started)
 
 
 def time_ours(preset: str, images, labels, norm, args, *, channels_last: bool, bf16: bool, compile: bool) -> float:
     torch.manual_seed(0)
-    model = create_model(preset)
+    model = create_model(preset).to(args.device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     runner = torch.compile(model) if compile else model
     optimizer = build_optimizer(model, "sgd", 0.05, weight_decay=5e-4)
     scheduler = build_scheduler(optimizer, total_steps=10**6, schedule="constant")
-    kwargs = dict(batch_size=args.batch_size, seed=0, channels_last=channels_last,
+    kwargs = dict(batch_size=args.batch_size, seed=0, channels_last=channels_last, device=args.device,
                   autocast_dtype=torch.bfloat16 if bf16 else None)
     warm = args.warmup_steps * args.batch_size
     train_epoch(runner, optimizer, scheduler, images[:warm], labels[:warm], norm, epoch=0, **kwargs)
@@ -88,9 +101,12 @@ def data_path_rates(images_nhwc, labels, images_nchw, norm, args) -> tuple[float
     count = sum(len(y) for _, y in loader)
     reference = count / (time.perf_counter() - started)
     generator = torch.Generator().manual_seed(0)
+    images_nchw = images_nchw.to(args.device)
+    synchronize(args.device)
     started = time.perf_counter()
     for start in range(0, len(images_nchw), args.batch_size):
         normalize(random_crop_flip(images_nchw[start : start + args.batch_size], generator), norm)
+    synchronize(args.device)
     ours = len(images_nchw) / (time.perf_counter() - started)
     return reference, ours
 
@@ -106,6 +122,7 @@ def main() -> None:
     parser.add_argument("--loader-workers", type=int, default=0,
                         help="DataLoader workers of the reference (0: in-process; on 2 cores workers steal the model's CPU)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (minutes of compilation on a CPU)")
+    parser.add_argument("--device", type=torch.device, default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -115,9 +132,10 @@ def main() -> None:
     mean, std = channel_stats(train.images)
     norm = Normalization(tuple(mean), tuple(std))
     images, labels = to_tensor_nchw(images_nhwc), torch.from_numpy(labels_np)
+    device_name = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else "CPU"
 
-    print(f"# {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}, "
-          f"{args.images} timed images per variant")
+    print(f"# {platform.processor() or platform.machine()}, {args.threads} threads, {device_name}, "
+          f"torch {torch.__version__}, {args.images} timed images per variant")
     reference_data, our_data = data_path_rates(images_nhwc, labels_np, images, norm, args)
     print(f"data path alone: reference {reference_data:,.0f} img/s, ours {our_data:,.0f} img/s "
           f"({our_data / reference_data:.1f}x)")
@@ -129,7 +147,8 @@ def main() -> None:
         reference = time_reference(preset, images_nhwc, labels_np, norm, args)
         print(f"{preset}: (a) reference {reference:.1f} img/s")
         for name, channels_last, bf16, compile in variants:
-            rate = time_ours(preset, images, labels, norm, args, channels_last=channels_last, bf16=bf16, compile=compile)
+            rate = time_ours(preset, images.to(args.device), labels.to(args.device), norm, args,
+                             channels_last=channels_last, bf16=bf16, compile=compile)
             print(f"{preset}: (b) {name:<18} {rate:7.1f} img/s  {rate / reference:4.2f}x (a)"
                   f"   data path / training = {our_data / rate:,.0f}x")
 

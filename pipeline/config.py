@@ -133,6 +133,7 @@ class RayConfig(Section):
     address: str | None = Field(None, description="None: start a local Ray instance")
     storage_path: str = "ray_results"
     run_name: str = Field("train", min_length=1)
+    dashboard: bool = Field(False, description="a local Ray's dashboard; ignored when joining `address`")
 
 
 class SearchDimension(Section):

@@ -16,7 +16,9 @@ reports/train_history.csv (DVC plots), models/mlflow_run.json (for the later sta
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import logging
 import os
 import subprocess
 import tempfile
@@ -35,7 +37,7 @@ from pipeline.common import StageError, run_stage
 from pipeline.config import ConfigError, Params
 from pipeline.remote import check_run_services, redact
 from resattn.cifar10 import Split
-from resattn.data import Normalization, load_split, to_tensor_nchw, write_csv, write_json
+from resattn.data import STATS_FILE, Normalization, load_split, to_tensor_nchw, write_csv, write_json
 from resattn.model import create_model
 from resattn.training import build_optimizer, build_scheduler, evaluate, train_epoch, unwrap
 
@@ -208,11 +210,20 @@ def run_identity(params: Params, data_hash: str) -> str:
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def load_prepared(prepared_dir: Path) -> tuple[Split, Split, Normalization]:
-    """What every worker trains and validates on, as the driver puts it into the object store."""
+def load_prepared(prepared_dir: Path) -> tuple[tuple[Split, Split, Normalization], str]:
+    """What every worker trains and validates on, as the driver puts it into the object store,
+    and the SHA-256 of the files it came from (part of the run's identity). Each file is read
+    once: it is hashed and decoded from the same bytes."""
     if not (prepared_dir / "train.npz").is_file():
         raise ConfigError(f"{prepared_dir} has no train.npz; run the preprocess stage first (dvc repro preprocess)")
-    return load_split(prepared_dir / "train.npz"), load_split(prepared_dir / "val.npz"), Normalization.load(prepared_dir)
+    digest = hashlib.sha256()
+    contents = {}
+    for name in ("train.npz", "val.npz", STATS_FILE):
+        contents[name] = (prepared_dir / name).read_bytes()
+        digest.update(contents[name])
+    data = (load_split(io.BytesIO(contents["train.npz"])), load_split(io.BytesIO(contents["val.npz"])),
+            Normalization.from_json(contents[STATS_FILE]))
+    return data, digest.hexdigest()
 
 
 def load_checkpoint_state(checkpoint: ray.train.Checkpoint) -> dict:
@@ -242,13 +253,6 @@ def load_resumable_state(latest: ray.train.Checkpoint) -> dict:
     raise RuntimeError("no readable checkpoint to resume from: " + "; ".join(failures))
 
 
-def prepared_data_hash(prepared_dir: Path) -> str:
-    digest = hashlib.sha256()
-    for name in ("train.npz", "val.npz", "stats.json"):
-        digest.update((prepared_dir / name).read_bytes())
-    return digest.hexdigest()
-
-
 def resolve_tracking_uri(uri: str) -> str:
     """Workers run in other directories: make a relative sqlite path absolute."""
     prefix = "sqlite:///"
@@ -263,21 +267,55 @@ def resolve_storage_path(params: Params) -> str:
     return path if "://" in path else str(Path(path).resolve())
 
 
-def start_ray(params: Params) -> None:
-    """Join `ray.address`, or start a local Ray whose dashboard listens on loopback only."""
+# A Ray instance started for one run, on one machine, does not need these Ray Train helpers.
+# Each Ray process costs ~0.7% of a core even when idle, which on 2 cores is taken from the
+# training worker's intra-op threads (BENCHMARKS.md, "Ray Train's overhead"). The local Ray's
+# processes inherit the driver's environment; a value set by the user wins.
+LOCAL_RAY_ENV = {
+    # Polls the nodes for spot-instance preemption: a local instance has no preemptible node.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    # Prometheus metrics for the Ray dashboard's Grafana panels; MLflow has the run's metrics.
+    "RAY_TRAIN_METRICS_ENABLED": "0",
+}
+PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def quiet_placement_group_cleaner() -> None:
+    """Worker set-up hook for a local Ray without its dashboard. Train V2's placement-group
+    cleaner asks the dashboard's state API every second whether the controller is alive and,
+    with no dashboard, warns every second. It frees a run's CPUs only if the controller dies
+    while Ray lives on; in a training stage the controller lives as long as the driver that
+    owns the local Ray, so nothing is lost by its silence."""
+    logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
+
+
+def start_ray(params: Params, *, sweep: bool = False) -> None:
+    """Join `ray.address`, or start a local Ray with the fewest helper processes. Its dashboard
+    (on loopback only) starts if `ray.dashboard`, and always for a `sweep`: when Tune stops a
+    trial early its Train controller dies with the trial, and only the placement-group cleaner,
+    through the dashboard's state API, sees that and frees the trial's CPUs for the next one."""
     if ray.is_initialized():
         return
+    local = not params.ray.address
+    if local:
+        for key, value in LOCAL_RAY_ENV.items():
+            os.environ.setdefault(key, value)
+    dashboard = params.ray.dashboard or sweep
     ray.init(
         address=params.ray.address,
-        # Train V2 tees each worker print() into its logger as well: one copy is enough.
-        runtime_env={"env_vars": {
-            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-            # During a tracking outage a worker's logging call gives up after seconds, not
-            # MLflow's default of minutes of retries; the driver logs what was missed.
-            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"),
-            "MLFLOW_HTTP_REQUEST_TIMEOUT": os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "20"),
-        }},
-        **({} if params.ray.address else {"num_cpus": os.cpu_count(), "dashboard_host": "127.0.0.1"}),
+        runtime_env={
+            "env_vars": {
+                # Train V2 tees each worker print() into its logger as well: one copy is enough.
+                "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+                # During a tracking outage a worker's logging call gives up after seconds, not
+                # MLflow's default of minutes of retries; the driver logs what was missed.
+                "MLFLOW_HTTP_REQUEST_MAX_RETRIES": os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"),
+                "MLFLOW_HTTP_REQUEST_TIMEOUT": os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "20"),
+            },
+            **({} if dashboard or not local else {"worker_process_setup_hook": "pipeline.train.quiet_placement_group_cleaner"}),
+        },
+        **({"num_cpus": os.cpu_count(), "include_dashboard": dashboard, "dashboard_host": "127.0.0.1"}
+           if local else {}),
     )
 
 
@@ -388,10 +426,10 @@ def train(params: Params) -> None:
     check_resources(params)
     check_run_services(params)
     prepared = Path(params.data.prepared_dir).resolve()
-    data = load_prepared(prepared)
+    data, data_hash = load_prepared(prepared)
     tracking_uri = resolve_tracking_uri(params.mlflow.tracking_uri)
     storage_path = resolve_storage_path(params)
-    run_name = f"{params.ray.run_name}-{run_identity(params, prepared_data_hash(prepared))}"
+    run_name = f"{params.ray.run_name}-{run_identity(params, data_hash)}"
     run_id = open_mlflow_run(params, tracking_uri, run_name)
     print(f"training run {run_name} (MLflow run {run_id}) on {params.train.num_workers} worker(s)", flush=True)
 

@@ -282,14 +282,14 @@ def sweep(params: Params, raw: dict) -> dict:
     validate_space(raw, params)
     settings = params.tune
     check_run_services(params)
-    data = load_prepared(Path(params.data.prepared_dir).resolve())  # sweeps reuse the pipeline's arrays
+    data, _ = load_prepared(Path(params.data.prepared_dir).resolve())  # sweeps reuse the pipeline's arrays
     tracking_uri = resolve_tracking_uri(params.mlflow.tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
     parent_id = sweep_parent_run(client, params)
     experiment_id = client.get_run(parent_id).info.experiment_id
     storage_path = resolve_storage_path(params)
-    start_ray(params)
+    start_ray(params, sweep=True)
     context = {"max_epochs": settings.max_epochs, "tracking_uri": tracking_uri, "experiment_id": experiment_id,
                "parent_run_id": parent_id, "data": ray.put(data), "workers": settings.workers_per_trial,
                "sweep": settings.name, "storage_path": storage_path}

@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -100,8 +101,8 @@ def save_split(path: Path, split: Split) -> None:
     _atomic_write(Path(path), lambda f: np.savez(f, images=split.images, labels=split.labels))
 
 
-def load_split(path: Path) -> Split:
-    with np.load(path, allow_pickle=False) as archive:
+def load_split(source: Path | BinaryIO) -> Split:
+    with np.load(source, allow_pickle=False) as archive:
         return Split(archive["images"], archive["labels"])
 
 
@@ -112,7 +113,11 @@ class Normalization:
 
     @classmethod
     def load(cls, prepared_dir: Path) -> Normalization:
-        stats = json.loads((Path(prepared_dir) / STATS_FILE).read_text())
+        return cls.from_json((Path(prepared_dir) / STATS_FILE).read_bytes())
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Normalization:
+        stats = json.loads(text)
         return cls(tuple(stats["mean"]), tuple(stats["std"]))
 
 

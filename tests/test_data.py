@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -12,13 +13,22 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REAL_CIFAR10
+from conftest import REAL_CIFAR10, synthetic_split
 from pipeline.config import parse_params
 from pipeline.fetch import fetch as fetch_stage
 from pipeline.preprocess import preprocess
 from resattn import cifar10
 from resattn.cifar10 import DataError, fetch, load, read_md5_list
-from resattn.data import Normalization, epoch_batches, load_split, normalize, random_crop_flip, stratified_split
+from resattn.data import (
+    Normalization,
+    epoch_batches,
+    load_split,
+    normalize,
+    random_crop_flip,
+    save_split,
+    stratified_split,
+    write_json,
+)
 
 
 def leftovers(parent: Path) -> list[str]:
@@ -125,6 +135,29 @@ def test_real_cifar10_through_the_fetch_and_preprocess_stages(tmp_path, monkeypa
     # No image appears in both sets (CIFAR10.md); hashes of rows make that cheap to check.
     seen = {row.tobytes() for row in train.images.reshape(len(train), -1)}
     assert not any(row.tobytes() in seen for row in test.images.reshape(len(test), -1))
+
+
+def test_training_reads_prepared_data_once_and_names_runs_by_its_bytes(tmp_path, monkeypatch):
+    from pipeline import train as train_stage
+
+    prepared = tmp_path / "prepared"
+    splits = {"train": synthetic_split(40, 0), "val": synthetic_split(10, 1)}
+    for name, split in splits.items():
+        save_split(prepared / f"{name}.npz", split)
+    write_json(prepared / "stats.json", {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.2, 0.2]})
+    reads = []
+    read_bytes = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: reads.append(self.name) or read_bytes(self))
+
+    (train, val, norm), digest = train_stage.load_prepared(prepared)
+
+    assert sorted(reads) == ["stats.json", "train.npz", "val.npz"]
+    np.testing.assert_array_equal(train.images, splits["train"].images)
+    np.testing.assert_array_equal(val.labels, splits["val"].labels)
+    assert norm == Normalization((0.5, 0.4, 0.3), (0.2, 0.2, 0.2))
+    # Runs are named after this digest, so it must stay what earlier runs were named after.
+    expected = hashlib.sha256(b"".join(read_bytes(prepared / n) for n in ("train.npz", "val.npz", "stats.json")))
+    assert digest == expected.hexdigest()
 
 
 def test_stratified_split_is_deterministic_disjoint_and_proportional():
