@@ -301,6 +301,7 @@ def start_ray(params: Params, *, sweep: bool = False) -> None:
         for key, value in LOCAL_RAY_ENV.items():
             os.environ.setdefault(key, value)
     dashboard = params.ray.dashboard or sweep
+    quiet_cleaner = local and not dashboard
     ray.init(
         address=params.ray.address,
         runtime_env={
@@ -312,7 +313,7 @@ def start_ray(params: Params, *, sweep: bool = False) -> None:
                 "MLFLOW_HTTP_REQUEST_MAX_RETRIES": os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"),
                 "MLFLOW_HTTP_REQUEST_TIMEOUT": os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "20"),
             },
-            **({} if dashboard or not local else {"worker_process_setup_hook": "pipeline.train.quiet_placement_group_cleaner"}),
+            **({"worker_process_setup_hook": "pipeline.train.quiet_placement_group_cleaner"} if quiet_cleaner else {}),
         },
         **({"num_cpus": os.cpu_count(), "include_dashboard": dashboard, "dashboard_host": "127.0.0.1"}
            if local else {}),
