@@ -16,9 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
-from pipeline.config import deep_merge, parse_params, with_profile
+from pipeline.config import deep_merge, load_raw
 from pipeline.tune import sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +31,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    base = with_profile(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    base = load_raw(ROOT / "params.yaml")
     work = Path(tempfile.mkdtemp(prefix="asha-bench-"))
     overlay = {
         "data": {"prepared_dir": str(ROOT / "data" / "prepared")},
@@ -48,10 +46,9 @@ def main() -> None:
           f"{args.train_subset} training images, {args.preset}, seed {args.seed}, workdir {work}")
     outcomes = {}
     for name, early in (("asha", True), ("full", False)):
-        raw = deep_merge(base, overlay)
-        raw = deep_merge(raw, {"tune": {"name": f"bench-{name}", "early_stopping": early}})
+        explicit = deep_merge(overlay, {"tune": {"name": f"bench-{name}", "early_stopping": early}})
         started = time.monotonic()
-        summary = sweep(parse_params(raw), raw)
+        summary = sweep(base, explicit)
         outcomes[name] = (summary, time.monotonic() - started)
     for name, (summary, seconds) in outcomes.items():
         print(f"{name}: best val_accuracy {summary['val_accuracy']:.4f}, trial-epochs {summary['trial_epochs']}, "

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import Params, deep_merge, load_raw, with_profile
+from pipeline.config import Params, load_params
 from resattn import cifar10, create_model
 from resattn.data import Normalization, channel_stats, stratified_split, to_tensor_nchw
 from resattn.training import build_optimizer, build_scheduler, evaluate, train_epoch
@@ -44,7 +44,7 @@ VARIANTS = {
 
 def recipe_params(overrides: dict | None = None) -> Params:
     """params.yaml with its profile applied, then `overrides` on top (so a profile cannot undo them)."""
-    return Params.model_validate(deep_merge(with_profile(load_raw(ROOT / "params.yaml")), overrides or {}))
+    return load_params(ROOT / "params.yaml", overrides)
 
 
 def train_variant(overrides: dict, epochs: int, data: dict) -> tuple[list[float], float]:

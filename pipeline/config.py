@@ -1,19 +1,31 @@
 """params.yaml, validated into typed config before any expensive work starts.
 
-One source of truth: every stage and the tuner read their settings through `load_params`.
-A `profile` key picks an entry of `profiles`, deep-merged over the base settings, so switching
-to the paper's recipe is one switch (`dvc exp run -S profile=paper`).
+One source of truth: every stage and the tuner read their settings through `load_params` (a
+sweep through `compose` and `parse_params`). One order of precedence, applied in `compose`
+alone; later wins:
+
+1. built-in defaults: the field defaults below;
+2. params.yaml's sections (`data`, `model`, `train`, ...), where `dvc exp run -S` writes too;
+3. the profile: the entry of `profiles` named by `profile` (`dvc exp run -S profile=paper`);
+4. explicit overrides: `-S key=value` given to pipeline/tune.py or `python -m pipeline.config`;
+5. in a sweep, each trial's sampled values and epoch budget (pipeline/tune.py).
+
+`dvc exp run -S` edits params.yaml itself, so its values are layer 2: to change a value that
+the chosen profile sets, set it in the profile (`-S profiles.fast.train.epochs=30`).
+`profile_changes` lists what a profile changed, and every stage prints it.
 Errors name the key, the value and what is allowed (ConfigError, one message for all problems).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from resattn.cifar10 import OFFICIAL_URL, SOURCE_ENV_VAR
 from resattn.model import model_config
@@ -27,7 +39,8 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    # allow_inf_nan=False: a learning rate of .inf or .nan is a typo, and would train garbage.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class DataConfig(Section):
@@ -185,8 +198,8 @@ class TuneSection(Section):
 
 
 class Params(Section):
-    profile: str = "quick-cpu"
     profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    profile: str = "quick-cpu"
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelSection = Field(default_factory=ModelSection)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -203,6 +216,14 @@ class Params(Section):
                 if key in ("profile", "profiles"):
                     raise ValueError(f"profile {name!r} cannot set {key!r}")
         return profiles
+
+    @field_validator("profile")
+    @classmethod
+    def _profile_defined(cls, profile: str, info: ValidationInfo) -> str:
+        profiles = info.data.get("profiles", {})  # validated first: declared first
+        if profile not in profiles and profile != "quick-cpu":
+            raise ValueError(f"unknown profile {profile!r}; defined: {', '.join(profiles) or 'none'}")
+        return profile
 
 
 def deep_merge(base: dict, overlay: dict) -> dict:
@@ -228,24 +249,68 @@ def _format(error: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def with_profile(raw: dict[str, Any], source: str = "params.yaml") -> dict[str, Any]:
-    """The raw params with their `profile` overlaid (what every consumer of params.yaml sees)."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source} must be a mapping of sections; got {type(raw).__name__}")
+def _profile_overlay(raw: dict[str, Any], source: str) -> tuple[str, dict[str, Any]]:
     profile = raw.get("profile", "quick-cpu")
     profiles = raw.get("profiles") or {}
-    if profile not in profiles and profile != "quick-cpu":
-        raise ConfigError(
-            f"{source} is invalid:\n  profile: unknown profile {profile!r}; defined: "
-            f"{', '.join(profiles) or 'none'}"
-        )
-    return deep_merge(raw, profiles.get(profile) or {})
+    if not isinstance(profiles, dict) or (profile not in profiles and profile != "quick-cpu"):
+        defined = ", ".join(profiles) if isinstance(profiles, dict) and profiles else "none"
+        raise ConfigError(f"{source} is invalid:\n  profile: unknown profile {profile!r}; defined: {defined}")
+    overlay = profiles.get(profile) or {}
+    if not isinstance(overlay, dict):
+        raise ConfigError(f"{source} is invalid:\n  profiles.{profile}: must be a mapping of sections")
+    return profile, overlay
 
 
-def parse_params(raw: dict[str, Any], source: str = "params.yaml") -> Params:
-    """Validate a params mapping, with its profile applied."""
+def compose(raw: dict[str, Any], overrides: dict[str, Any] | None = None, source: str = "params.yaml") -> dict[str, Any]:
+    """The params that run: params.yaml's mapping `raw`, then its profile, then `overrides`
+    (the order of precedence of this module's docstring; built-in defaults fill the rest when
+    the result is validated). `overrides` may itself choose the profile (`-S profile=fast`)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source} must be a mapping of sections; got {type(raw).__name__}")
+    overrides = overrides or {}
+    selection = deep_merge({key: raw[key] for key in ("profile", "profiles") if key in raw},
+                           {key: overrides[key] for key in ("profile", "profiles") if key in overrides})
+    _, overlay = _profile_overlay(selection, source)
+    return deep_merge(deep_merge(deep_merge(raw, selection), overlay), overrides)
+
+
+def profile_changes(raw: dict[str, Any], overrides: dict[str, Any] | None = None, source: str = "params.yaml") -> list[str]:
+    """What the profile changes in the sections of params.yaml's mapping `raw`, as lines
+    `profile 'fast' sets train.epochs: 5 -> 24`, leaving out what `overrides` set anyway:
+    nothing a profile does goes unsaid."""
+    overrides = overrides or {}
+    profile, overlay = _profile_overlay(compose(raw, {k: v for k, v in overrides.items() if k in ("profile", "profiles")},
+                                                source), source)
+    overridden = flatten_mapping(overrides)
+    changes = []
+    for key, value in flatten_mapping(overlay).items():
+        if key in overridden:
+            continue
+        base: Any = raw
+        for part in key.split("."):
+            base = base.get(part) if isinstance(base, dict) else None
+        if base != value:
+            changes.append(f"{key}: {base!r} -> {value!r}" if base is not None else f"{key}: {value!r}")
+    return [f"profile {profile!r} sets {change}" for change in changes]
+
+
+def flatten_mapping(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"epochs": 3}} -> {"train.epochs": 3}; lists and scalars are leaves."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:
+            flat.update(flatten_mapping(value, dotted))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def parse_params(resolved: dict[str, Any], source: str = "params.yaml") -> Params:
+    """Validate params that `compose` resolved (a mapping without a profile validates as is:
+    the profile is applied in `compose` alone)."""
     try:
-        return Params.model_validate(with_profile(raw, source))
+        return Params.model_validate(resolved)
     except ValidationError as error:
         raise ConfigError(_format(error, source)) from None
 
@@ -274,8 +339,8 @@ def parse_assignments(assignments: list[str]) -> dict[str, Any]:
     return overlay
 
 
-def load_raw(path: Path = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The params file as a mapping, with `overrides` merged over it (not yet validated)."""
+def load_raw(path: Path = DEFAULT_PARAMS) -> dict[str, Any]:
+    """The params file as a mapping, as written (no profile applied, not yet validated)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path} not found; run from the project root or pass --params")
@@ -283,8 +348,34 @@ def load_raw(path: Path = DEFAULT_PARAMS, overrides: dict[str, Any] | None = Non
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{path} is not valid YAML: {error}") from None
-    return deep_merge(raw, overrides or {})
+    return raw
 
 
 def load_params(path: Path = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None) -> Params:
-    return parse_params(load_raw(path, overrides), str(path))
+    """The validated params that run: the file, its profile, then `overrides`."""
+    return parse_params(compose(load_raw(path), overrides, str(path)), str(path))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m pipeline.config [--params FILE] [-S key=value ...]`: the params that would run."""
+    parser = argparse.ArgumentParser(
+        description="Print the fully resolved params (what would actually run) as YAML, after the order of "
+                    "precedence: built-in defaults < params.yaml < profile < -S < a sweep's sampled values.")
+    parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
+    parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a param, as `dvc exp run -S` does (e.g. -S profile=fast -S train.epochs=30)")
+    args = parser.parse_args(argv)
+    try:
+        raw = load_raw(args.params)
+        overrides = parse_assignments(args.set)
+        params = parse_params(compose(raw, overrides, str(args.params)), str(args.params))
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    for line in profile_changes(raw, overrides, str(args.params)):
+        print(f"# {line}")
+    print(yaml.safe_dump(params.model_dump(exclude={"profiles"}), sort_keys=False), end="")
+
+
+if __name__ == "__main__":
+    main()

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,7 +40,15 @@ from pipeline.remote import check_run_services, redact
 from resattn.cifar10 import Split
 from resattn.data import STATS_FILE, Normalization, load_split, to_tensor_nchw, write_csv, write_json
 from resattn.model import create_model
-from resattn.training import build_optimizer, build_scheduler, evaluate, train_epoch, unwrap
+from resattn.training import (
+    NonFiniteLossError,
+    build_optimizer,
+    build_scheduler,
+    evaluate,
+    global_sums,
+    train_epoch,
+    unwrap,
+)
 
 MODEL_DIR = Path("models")
 MODEL_FILE = MODEL_DIR / "model.pt"
@@ -77,7 +86,37 @@ def _start_system_metrics(tracking_uri: str, run_id: str) -> bool:
         return False
 
 
+def use_reserved_cpus() -> int:
+    """Run as many intra-op threads as CPUs Ray reserved for this worker; returns that count.
+
+    Ray sets OMP_NUM_THREADS for a worker only once the worker process runs, which is too late
+    when torch is already loaded (a set-up hook or an import is enough): OpenMP then keeps one
+    thread per core. On 2 cores, two 1-CPU workers ran 4 busy threads and trained at 87 instead
+    of 438 img/s (BENCHMARKS.md). torch.set_num_threads here, in the thread that trains, holds
+    whatever the environment."""
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    threads = max(int(cpus), 1)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def report_divergence(reason: str, epoch: int, rank: int, history: list[dict]) -> None:
+    """End every worker's loop normally, with the reason as the last checkpoint (the driver
+    reads it; a rerun of the same params finds it and stops at once): a raised error would make
+    Ray Train restart the workers, only to diverge again at the same step. A diverged run has
+    no validation accuracy: NaN, which Tune's schedulers and searchers pass over."""
+    metrics = {"epoch": epoch + 1, "val_accuracy": float("nan"), "diverged": 1.0}
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    print(f"error: {reason}", flush=True)
+    with tempfile.TemporaryDirectory() as directory:
+        torch.save({"diverged": reason, "epoch": epoch, "history": history}, Path(directory) / STATE_FILE)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
 def train_loop_per_worker(config: dict) -> None:
+    threads = use_reserved_cpus()
     params = Params.model_validate(config["params"])
     train_cfg = params.train
     context = ray.train.get_context()
@@ -124,6 +163,9 @@ def train_loop_per_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         state = load_resumable_state(checkpoint)
+        if "diverged" in state:
+            report_divergence(state["diverged"], state["epoch"], rank, state["history"])
+            return
         unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -133,6 +175,9 @@ def train_loop_per_worker(config: dict) -> None:
             print(f"resuming from the checkpoint of epoch {state['epoch'] + 1}", flush=True)
 
     total_images = steps_per_epoch * per_worker_batch * world_size
+    if rank == 0:
+        print(f"{world_size} worker(s) x {threads} CPU thread(s) on {device.type}; {total_images:,} training images "
+              f"per epoch in batches of {per_worker_batch * world_size}", flush=True)
     sampling = rank == 0 and _start_system_metrics(config["tracking_uri"], config["run_id"])
     try:
         for epoch in range(start_epoch, train_cfg.epochs):
@@ -144,25 +189,28 @@ def train_loop_per_worker(config: dict) -> None:
                     print(f"  epoch {epoch + 1}: {done * world_size:,}/{total_images:,} images", flush=True)
 
             lr = optimizer.param_groups[0]["lr"]
-            result = train_epoch(
-                model, optimizer, scheduler, train_images, train_labels, norm,
-                batch_size=per_worker_batch, seed=train_cfg.seed, epoch=epoch, rank=rank, world_size=world_size,
-                label_smoothing=train_cfg.label_smoothing, device=device, channels_last=train_cfg.channels_last,
-                autocast_dtype=autocast_dtype, progress=progress,
-            )
+            try:
+                result = train_epoch(
+                    model, optimizer, scheduler, train_images, train_labels, norm,
+                    batch_size=per_worker_batch, seed=train_cfg.seed, epoch=epoch, rank=rank, world_size=world_size,
+                    label_smoothing=train_cfg.label_smoothing, device=device, channels_last=train_cfg.channels_last,
+                    autocast_dtype=autocast_dtype, progress=progress,
+                )
+            except NonFiniteLossError as error:
+                report_divergence(str(error), epoch, rank, history)
+                return
             val = evaluate(
                 unwrap(model), val_images, val_labels, norm, batch_size=train_cfg.eval_batch_size,
                 device=device, channels_last=train_cfg.channels_last, autocast_dtype=autocast_dtype,
             )
-            sums = torch.tensor([val.loss * len(val_labels), val.accuracy * len(val_labels), len(val_labels)], dtype=torch.float64, device=device)
-            if world_size > 1:
-                torch.distributed.all_reduce(sums)
+            val_loss, val_correct, val_count = global_sums(
+                val.loss * len(val_labels), val.accuracy * len(val_labels), len(val_labels), device=device)
             metrics = {
                 "epoch": epoch + 1,
                 "train_loss": result.loss,
                 "train_accuracy": result.accuracy,
-                "val_loss": sums[0].item() / sums[2].item(),
-                "val_accuracy": sums[1].item() / sums[2].item(),
+                "val_loss": val_loss / val_count,
+                "val_accuracy": val_correct / val_count,
                 "lr": lr,
                 "images_per_second": result.images_per_second,  # images summed over workers
                 "epoch_seconds": result.seconds,
@@ -277,33 +325,43 @@ LOCAL_RAY_ENV = {
     # Prometheus metrics for the Ray dashboard's Grafana panels; MLflow has the run's metrics.
     "RAY_TRAIN_METRICS_ENABLED": "0",
 }
-PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+# Ray Train's own notes (worker group started, each report with its checkpoint) stay in Ray's
+# log files; the console gets warnings and errors, and the pipeline's own lines.
+RAY_TRAIN_LOGGING = ray.train.LoggingConfig(log_level="WARNING")
+RAY_AUTH_SETUP_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
-def quiet_placement_group_cleaner() -> None:
-    """Worker set-up hook for a local Ray without its dashboard. Train V2's placement-group
-    cleaner asks the dashboard's state API every second whether the controller is alive and,
-    with no dashboard, warns every second. It frees a run's CPUs only if the controller dies
-    while Ray lives on; in a training stage the controller lives as long as the driver that
-    owns the local Ray, so nothing is lost by its silence."""
-    logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
+def cluster_address(params: Params) -> str | None:
+    """The Ray cluster to join: `ray.address` if set, else the one this process runs in
+    (`ray job submit` sets RAY_ADDRESS for its entry point; so may a user), else None: start a
+    local Ray for this run."""
+    return params.ray.address or os.environ.get("RAY_ADDRESS") or None
 
 
 def start_ray(params: Params, *, sweep: bool = False) -> None:
-    """Join `ray.address`, or start a local Ray with the fewest helper processes. Its dashboard
-    (on loopback only) starts if `ray.dashboard`, and always for a `sweep`: when Tune stops a
-    trial early its Train controller dies with the trial, and only the placement-group cleaner,
-    through the dashboard's state API, sees that and frees the trial's CPUs for the next one."""
+    """Join the cluster of `cluster_address`, or start a local Ray with the fewest helper
+    processes. Its dashboard (on loopback only) starts if `ray.dashboard`, and always for a
+    `sweep`: when Tune stops a trial early its Train controller dies with the trial, and only
+    the placement-group cleaner, through the dashboard's state API, sees that and frees the
+    trial's CPUs for the next one."""
     if ray.is_initialized():
         return
-    local = not params.ray.address
+    address = cluster_address(params)
+    local = address is None
     if local:
         for key, value in LOCAL_RAY_ENV.items():
             os.environ.setdefault(key, value)
+        # Ray 2.60 turns token authentication on for a new local Ray and warns that it did, on
+        # every start; it stays on, the warning goes.
+        logging.getLogger(RAY_AUTH_SETUP_LOGGER).setLevel(logging.ERROR)
+    # Ray colours each worker's prefix; in a log file or a pipe those are escape codes.
+    if not sys.stdout.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     dashboard = params.ray.dashboard or sweep
-    quiet_cleaner = local and not dashboard
+    hook = "quiet_libraries_and_cleaner" if local and not dashboard else "quiet_libraries"
     ray.init(
-        address=params.ray.address,
+        address=address,
+        logging_level=logging.WARNING,
         runtime_env={
             "env_vars": {
                 # Train V2 tees each worker print() into its logger as well: one copy is enough.
@@ -312,11 +370,31 @@ def start_ray(params: Params, *, sweep: bool = False) -> None:
                 # MLflow's default of minutes of retries; the driver logs what was missed.
                 "MLFLOW_HTTP_REQUEST_MAX_RETRIES": os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"),
                 "MLFLOW_HTTP_REQUEST_TIMEOUT": os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "20"),
+                "MLFLOW_LOGGING_LEVEL": os.environ.get("MLFLOW_LOGGING_LEVEL", "WARNING"),
             },
-            **({"worker_process_setup_hook": "pipeline.train.quiet_placement_group_cleaner"} if quiet_cleaner else {}),
+            "worker_process_setup_hook": f"pipeline.ray_hooks.{hook}",
         },
         **({"num_cpus": os.cpu_count(), "include_dashboard": dashboard, "dashboard_host": "127.0.0.1"}
            if local else {}),
+    )
+
+
+def build_trainer(params: Params, loop_config: dict, *, name: str, storage_path: str, num_workers: int,
+                  callbacks: list | None = None) -> ray.train.torch.TorchTrainer:
+    """The one TorchTrainer of the pipeline, for a training run and for each sweep trial: the
+    worker loop above, two checkpoints kept (`load_resumable_state` falls back to the older)."""
+    return ray.train.torch.TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=params.train.use_gpu),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=params.train.max_failures),
+            logging_config=RAY_TRAIN_LOGGING,
+            callbacks=callbacks,
+        ),
     )
 
 
@@ -380,7 +458,7 @@ def root_cause(error: BaseException) -> str:
 
 def check_resources(params: Params) -> None:
     """Fail before Ray starts on a request this machine cannot meet (local runs only)."""
-    if params.ray.address:
+    if cluster_address(params):
         return
     cpus = os.cpu_count() or 1
     if params.train.use_gpu and not torch.cuda.is_available():
@@ -423,6 +501,16 @@ def save_model(state: dict, params: Params, path: Path) -> None:
     os.replace(tmp.name, path)
 
 
+def mark_failed(tracking_uri: str, run_id: str, reason: str) -> None:
+    """The MLflow run ends FAILED, with the reason as a tag, so the UI does not show it running."""
+    try:
+        client = MlflowClient(tracking_uri)
+        client.set_tag(run_id, "failure", reason[:5000])
+        client.set_terminated(run_id, "FAILED")
+    except Exception as error:  # noqa: BLE001 - the stage fails with its own message anyway
+        print(f"warning: could not mark MLflow run {run_id} failed ({type(error).__name__})", file=sys.stderr)
+
+
 def train(params: Params) -> None:
     check_resources(params)
     check_run_services(params)
@@ -436,17 +524,9 @@ def train(params: Params) -> None:
 
     start_ray(params)
     started = time.monotonic()
-    trainer = ray.train.torch.TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"params": params.model_dump(), "data": ray.put(data),
-                           "tracking_uri": tracking_uri, "run_id": run_id},
-        scaling_config=ray.train.ScalingConfig(num_workers=params.train.num_workers, use_gpu=params.train.use_gpu),
-        run_config=ray.train.RunConfig(
-            name=run_name,
-            storage_path=storage_path,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            failure_config=ray.train.FailureConfig(max_failures=params.train.max_failures),
-        ),
+    trainer = build_trainer(
+        params, {"params": params.model_dump(), "data": ray.put(data), "tracking_uri": tracking_uri, "run_id": run_id},
+        name=run_name, storage_path=storage_path, num_workers=params.train.num_workers,
     )
     try:
         result = trainer.fit()
@@ -460,6 +540,11 @@ def train(params: Params) -> None:
     if result.checkpoint is None:
         raise RuntimeError(f"training run {run_name} ended without a checkpoint")
     state = load_checkpoint_state(result.checkpoint)
+    if "diverged" in state:
+        MODEL_FILE.unlink(missing_ok=True)  # no model for evaluate or register to pick up
+        mark_failed(tracking_uri, run_id, state["diverged"])
+        raise StageError(f"{state['diverged']}. No model was saved; the record stays in {storage_path}/{run_name}, "
+                         f"so rerunning these params stops at once (they diverge the same way)")
 
     save_model(state, params, MODEL_FILE)
     history = state["history"]

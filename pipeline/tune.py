@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -44,21 +44,27 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallba
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from pipeline.common import change_to_root
 from pipeline.config import (
     DEFAULT_PARAMS,
     ConfigError,
     Params,
+    TuneSection,
+    compose,
     deep_merge,
+    flatten_mapping,
     load_raw,
     overlay_for,
     parse_assignments,
     parse_params,
-    with_profile,
+    profile_changes,
 )
 from pipeline.evaluate import evaluate_model
+from pipeline.ray_hooks import quiet_libraries
 from pipeline.register import register_model
 from pipeline.remote import check_run_services
 from pipeline.train import (
+    build_trainer,
     flatten,
     git_commit,
     load_checkpoint_state,
@@ -68,7 +74,6 @@ from pipeline.train import (
     resolve_tracking_uri,
     save_model,
     start_ray,
-    train_loop_per_worker,
 )
 from resattn.cifar10 import DataError
 from resattn.data import write_csv
@@ -104,13 +109,19 @@ def check_path(key: str) -> None:
             model = annotation
 
 
-def trial_raw(raw: dict, sampled: dict[str, Any], max_epochs: int) -> dict:
-    """The params of one trial: the base params, every trial at the sweep's epoch budget,
-    then the sampled values."""
-    merged = deep_merge(raw, {"train": {"epochs": max_epochs}})
+def sweep_layer(settings: TuneSection, sampled: dict[str, Any]) -> dict:
+    """What a trial sets over the sweep's resolved params, the last layer of precedence
+    (pipeline/config.py): its epoch budget, its worker count, then its sampled values."""
+    layer = {"train": {"epochs": settings.max_epochs, "num_workers": settings.workers_per_trial}}
     for key, value in sampled.items():
-        merged = deep_merge(merged, overlay_for(key, value))
-    return merged
+        layer = deep_merge(layer, overlay_for(key, value))
+    return layer
+
+
+def trial_raw(resolved: dict, sampled: dict[str, Any], settings: TuneSection) -> dict:
+    """The params of one trial: the sweep's resolved params (file, profile, -S), then the
+    sweep's layer."""
+    return deep_merge(resolved, sweep_layer(settings, sampled))
 
 
 def validate_space(raw: dict, params: Params) -> None:
@@ -123,7 +134,7 @@ def validate_space(raw: dict, params: Params) -> None:
         check_path(key)
         for value in dimension.candidates():
             try:
-                parse_params(trial_raw(raw, {key: value}, params.tune.max_epochs), "the trial params")
+                parse_params(trial_raw(raw, {key: value}, params.tune), "the trial params")
             except ConfigError as error:
                 detail = str(error).split("\n", 1)[-1].strip()
                 problems.append(f"tune.space.{key}: value {value!r} gives invalid params: {detail}")
@@ -181,23 +192,16 @@ def trial_child_run(client: MlflowClient, experiment_id: str, parent_id: str, tr
 
 
 def run_trial(sampled: dict, *, raw: dict, context: dict) -> None:
-    params = parse_params(trial_raw(raw, sampled, context["max_epochs"]), "the trial params")
+    params = parse_params(trial_raw(raw, sampled, context["settings"]), "the trial params")
     trial_id = tune.get_context().get_trial_id()
     client = MlflowClient(context["tracking_uri"])
     run_id = trial_child_run(client, context["experiment_id"], context["parent_run_id"], trial_id, params, sampled)
-    trainer = ray.train.torch.TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"params": params.model_dump(), "data": context["data"],
-                           "tracking_uri": context["tracking_uri"], "run_id": run_id},
-        scaling_config=ray.train.ScalingConfig(num_workers=context["workers"], use_gpu=params.train.use_gpu),
-        run_config=ray.train.RunConfig(
-            # Derived from the trial id, so a restored sweep resumes this very Train run.
-            name=f"{context['sweep']}-{trial_id}",
-            storage_path=context["storage_path"],
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
-            failure_config=ray.train.FailureConfig(max_failures=params.train.max_failures),
-            callbacks=[TuneReportCallback()],
-        ),
+    trainer = build_trainer(
+        params, {"params": params.model_dump(), "data": context["data"], "tracking_uri": context["tracking_uri"],
+                 "run_id": run_id},
+        # Derived from the trial id, so a restored sweep resumes this very Train run.
+        name=f"{context['sweep']}-{trial_id}", storage_path=context["storage_path"], num_workers=context["workers"],
+        callbacks=[TuneReportCallback()],
     )
     trainer.fit()
 
@@ -278,7 +282,30 @@ def concurrent_trials(params: Params) -> int:
     return max(1, available // params.tune.workers_per_trial)
 
 
-def sweep(params: Params, raw: dict) -> dict:
+def reproduce_command(file_raw: dict, overlay: dict) -> str:
+    """The `dvc exp run` line that trains the params of `overlay` (the sweep's own overrides
+    and the trial's layer) over params.yaml's mapping `file_raw`. `dvc exp run -S` writes into
+    params.yaml's sections, which the profile overrides (pipeline/config.py), so a value the
+    chosen profile sets goes into the profile's entry instead. Sweep settings are left out."""
+    chosen = compose(file_raw, {k: v for k, v in overlay.items() if k in ("profile", "profiles")})
+    profile = chosen.get("profile", "quick-cpu")
+    profile_keys = flatten_mapping((chosen.get("profiles") or {}).get(profile) or {})
+    assignments = []
+    for key, value in flatten_mapping(overlay).items():
+        if key.startswith("tune."):
+            continue
+        target = f"profiles.{profile}.{key}" if key in profile_keys else key
+        text = json.dumps(value) if isinstance(value, (list, dict)) else str(value).lower() if isinstance(value, bool) else str(value)
+        assignments.append(f"-S {shlex.quote(f'{target}={text}')}")
+    return " ".join(["dvc exp run", *assignments])
+
+
+def sweep(file_raw: dict, explicit: dict | None = None, source: str = "params.yaml") -> dict:
+    """Run the sweep of params.yaml's mapping `file_raw` with the command line's `explicit`
+    overrides (`-S`) over it."""
+    explicit = explicit or {}
+    raw = compose(file_raw, explicit, source)
+    params = parse_params(raw, source)
     validate_space(raw, params)
     settings = params.tune
     check_run_services(params)
@@ -290,7 +317,7 @@ def sweep(params: Params, raw: dict) -> dict:
     experiment_id = client.get_run(parent_id).info.experiment_id
     storage_path = resolve_storage_path(params)
     start_ray(params, sweep=True)
-    context = {"max_epochs": settings.max_epochs, "tracking_uri": tracking_uri, "experiment_id": experiment_id,
+    context = {"settings": settings, "tracking_uri": tracking_uri, "experiment_id": experiment_id,
                "parent_run_id": parent_id, "data": ray.put(data), "workers": settings.workers_per_trial,
                "sweep": settings.name, "storage_path": storage_path}
     # The trial function only launches and waits: its Train workers hold the CPUs and GPUs.
@@ -335,7 +362,7 @@ def sweep(params: Params, raw: dict) -> dict:
 
     best = results.get_best_result(metric=METRIC, mode="max", scope="last")
     best_sampled = {key: best.config[key] for key in keys}
-    best_params = parse_params(trial_raw(raw, best_sampled, settings.max_epochs), "the best trial's params")
+    best_params = parse_params(trial_raw(raw, best_sampled, settings), "the best trial's params")
     best_id = best.metrics["trial_id"]
     best_run_id = trial_run_id(client, experiment_id, parent_id, best_id)
     # Tune reports the path within the storage filesystem (no s3:// scheme): pass that filesystem.
@@ -346,10 +373,7 @@ def sweep(params: Params, raw: dict) -> dict:
     evaluation = evaluate_model(best_params, model_path, best_run_id, reports)
     registration = register_model(best_params, model_path, best_run_id, evaluation["test_accuracy"])
 
-    overlay: dict = {}
-    for key, value in best_sampled.items():
-        overlay = deep_merge(overlay, overlay_for(key, value))
-    overlay = deep_merge(overlay, {"train": {"epochs": settings.max_epochs}})
+    overlay = deep_merge(explicit, sweep_layer(settings, best_sampled))
     (reports / "best_params.yaml").write_text(yaml.safe_dump(overlay, sort_keys=False))
     summary = {"best_trial": best_id, METRIC: best.metrics[METRIC], "test_accuracy":
                evaluation["test_accuracy"], "trials": len(rows), "stopped_early": sum(r["stopped_early"] for r in rows),
@@ -367,9 +391,9 @@ def sweep(params: Params, raw: dict) -> dict:
     for row in rows:
         if run_id := trial_run_id(client, experiment_id, parent_id, row["trial"]):
             client.set_tag(run_id, "stopped_early", str(row["stopped_early"]).lower())
-    settings_line = " ".join(f"-S {key}={value}" for key, value in flatten("", overlay).items())
     print(f"best trial {summary['best_trial']}: {METRIC} {best.metrics[METRIC]:.4f}, test accuracy "
-          f"{evaluation['test_accuracy']:.4f}; reproduce through the pipeline with:\n  dvc exp run {settings_line}")
+          f"{evaluation['test_accuracy']:.4f}; reproduce through the pipeline with:\n  "
+          f"{reproduce_command(file_raw, overlay)}")
     return summary
 
 
@@ -383,18 +407,17 @@ def main(argv: list[str] | None = None) -> None:
                         "data: on this machine's cluster pass --root $PWD; on a remote one, run the fetch and "
                         "preprocess stages in the job first (infra/README.md)")
     args = parser.parse_args(argv)
-    if args.root:
-        if not args.root.is_dir():
-            print(f"error: --root {args.root} is not a directory on this node", file=sys.stderr)
-            raise SystemExit(1)
-        os.chdir(args.root)
+    change_to_root(args.root)
+    quiet_libraries()
     try:
-        raw = load_raw(args.params, parse_assignments(args.set))
-        sweep(parse_params(raw, str(args.params)), with_profile(raw, str(args.params)))
+        file_raw = load_raw(args.params)
+        explicit = parse_assignments(args.set)
+        for line in profile_changes(file_raw, explicit, str(args.params)):
+            print(line, flush=True)
+        sweep(file_raw, explicit, str(args.params))
     except (ConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
-
 
 if __name__ == "__main__":
     main()

@@ -103,11 +103,38 @@ class EpochResult:
         return self.images / max(self.seconds, 1e-9)
 
 
-def _global_sums(*values: float, device: torch.device) -> list[float]:
+class NonFiniteLossError(ArithmeticError):
+    """The training loss stopped being a finite number: the run diverged."""
+
+    def __init__(self, value: str, epoch: int, step: int, steps: int):
+        self.epoch, self.step = epoch, step
+        super().__init__(f"the training loss became {value} at epoch {epoch + 1}, step {step + 1} of {steps}; "
+                         f"the run diverged (lower train.optimizer.lr, or add warm-up)")
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def global_sums(*values: float, device: torch.device) -> list[float]:
+    """`values` summed over every worker of the process group (as they are without one)."""
     totals = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
+    if _distributed():
         dist.all_reduce(totals)
     return totals.tolist()
+
+
+def _non_finite(loss: torch.Tensor) -> str | None:
+    """How this step's loss is not finite on some worker ("nan", "inf"), else None. Every
+    worker gets the same answer at the same step (one scalar all-reduce), so all stop together
+    and none is left waiting in the next step's gradient all-reduce."""
+    value = loss.detach().float()
+    bad = (~torch.isfinite(value)).to(torch.float64).reshape(1)
+    if _distributed():
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if not bad.item():  # one host sync per step: on a CPU the step has finished anyway
+        return None
+    return str(value.item()) if not math.isfinite(value.item()) else "not finite on another worker"
 
 
 def train_epoch(
@@ -135,6 +162,8 @@ def train_epoch(
     is per worker. The shuffle and the augmentation are fixed by (seed, epoch, rank), so a run
     resumed at an epoch boundary replays exactly what an uninterrupted run would have done.
     `progress`, if given, is called after every batch with this worker's images so far.
+    Raises NonFiniteLossError, on every worker at the same step, before the first update from
+    a loss that is not finite: nothing after that step would be worth keeping.
     """
     model.train()
     augment_rng = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + epoch * 1_009 + rank)
@@ -143,13 +172,16 @@ def train_epoch(
     correct = torch.zeros((), dtype=torch.int64, device=device)
     count = 0
     started = time.perf_counter()
-    for index in epoch_batches(len(labels), batch_size, seed=seed, epoch=epoch, rank=rank, world_size=world_size):
+    batches = list(epoch_batches(len(labels), batch_size, seed=seed, epoch=epoch, rank=rank, world_size=world_size))
+    for step, index in enumerate(batches):
         batch = random_crop_flip(images[index], augment_rng)
         x = normalize(batch.to(device, non_blocking=True), norm).contiguous(memory_format=memory_format)
         y = labels[index].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logits = model(x)
             loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+        if (value := _non_finite(loss)) is not None:
+            raise NonFiniteLossError(value, epoch, step, len(batches))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -160,7 +192,7 @@ def train_epoch(
         count += len(y)
         if progress is not None:
             progress(count)
-    loss_total, correct_total, count_total = _global_sums(loss_sum.item(), correct.item(), count, device=device)
+    loss_total, correct_total, count_total = global_sums(loss_sum.item(), correct.item(), count, device=device)
     return EpochResult(loss_total / max(count_total, 1), correct_total / max(count_total, 1), int(count_total),
                        time.perf_counter() - started)
 

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, free_port
-from pipeline.config import ConfigError, load_raw, parse_assignments, parse_params
+from pipeline.config import ConfigError, load_params, parse_assignments, parse_params
 from pipeline.remote import check_run_services, check_s3_location, check_tracking_server, redact
 
 sys.path.insert(0, str(ROOT / "infra"))
@@ -235,7 +235,7 @@ def test_the_rayjob_runs_existing_entry_points_with_valid_params():
     tune = next(c for c in commands if c[:2] == ["python", "pipeline/tune.py"])
     assert (ROOT / tune[1]).is_file()
     overrides = parse_assignments([value for flag, value in zip(tune[2::2], tune[3::2]) if flag == "-S"])
-    params = parse_params(load_raw(ROOT / "params.yaml", overrides))
+    params = load_params(ROOT / "params.yaml", overrides)
     assert params.train.use_gpu and params.ray.storage_path.startswith("s3://")
     assert params.mlflow.tracking_uri == "http://mlflow.resattn.svc:5000"
     source = yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]["RESATTN_CIFAR10_SOURCE"]

@@ -1,0 +1,41 @@
+"""Set-up hooks that every Ray worker process of a run calls before its first task.
+
+Kept free of torch and of the pipeline's other modules on purpose: a hook runs before Ray tells
+the worker how many CPUs it holds, and a library loaded here would fix its thread count to
+the machine's cores (pipeline.train.use_reserved_cpus undoes that in the training thread).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import sys
+
+# Train V2's placement-group cleaner asks the dashboard's state API every second whether the
+# controller is alive and, with no dashboard, warns every second. It frees a run's CPUs only if
+# the controller dies while Ray lives on; in a training stage the controller lives as long as
+# the driver that owns the local Ray, so nothing is lost by its silence.
+PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+# Ray Train V2 logs every report, a multi-line dump of the metrics and the checkpoint, at INFO
+# through a logger named after its file's path, which Train's own log-level setting misses.
+REPORT_LOGGER_MODULE = "ray.train.v2._internal.execution.context"
+
+
+def quiet_libraries() -> None:
+    """Library notes at WARNING, in this process and in those it starts: MLflow's (database
+    tables created, system metrics started, ...) and Ray Train's per-report dump. Output lines
+    reach a log file or a pipe as they are printed, not when a buffer fills."""
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read by mlflow when it is imported
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # for an mlflow already imported
+    if spec := importlib.util.find_spec(REPORT_LOGGER_MODULE):
+        logging.getLogger(spec.origin).setLevel(logging.WARNING)
+    sys.stdout.reconfigure(line_buffering=True)
+
+
+def quiet_libraries_and_cleaner() -> None:
+    """The same, for a local Ray without its dashboard: also the placement-group cleaner."""
+    quiet_libraries()
+    logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
