@@ -123,7 +123,7 @@ class TrainConfig(Section):
             )
         if self.batch_size // self.num_workers < 2:
             raise ValueError("each worker needs at least 2 images per batch (batch norm)")
-        if self.schedule.milestones and self.schedule.milestones[-1] >= self.epochs:
+        if self.schedule.name == "step" and self.schedule.milestones[-1] >= self.epochs:
             raise ValueError(f"the last milestone {self.schedule.milestones[-1]} is not before epoch {self.epochs}")
         if self.schedule.warmup_epochs >= self.epochs:
             raise ValueError(f"warmup_epochs {self.schedule.warmup_epochs} must be below epochs {self.epochs}")
@@ -143,7 +143,7 @@ class MlflowConfig(Section):
 
 
 class RayConfig(Section):
-    address: str | None = Field(None, description="None: start a local Ray instance")
+    address: str | None = Field(None, description="None: the cluster of RAY_ADDRESS (a Ray job's), else a new local Ray")
     storage_path: str = "ray_results"
     run_name: str = Field("train", min_length=1)
     dashboard: bool = Field(False, description="a local Ray's dashboard; ignored when joining `address`")

@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -109,7 +110,6 @@ def report_divergence(reason: str, epoch: int, rank: int, history: list[dict]) -
     if rank != 0:
         ray.train.report(metrics)
         return
-    print(f"error: {reason}", flush=True)
     with tempfile.TemporaryDirectory() as directory:
         torch.save({"diverged": reason, "epoch": epoch, "history": history}, Path(directory) / STATE_FILE)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
@@ -331,10 +331,17 @@ RAY_TRAIN_LOGGING = ray.train.LoggingConfig(log_level="WARNING")
 RAY_AUTH_SETUP_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def cluster_address(params: Params) -> str | None:
     """The Ray cluster to join: `ray.address` if set, else the one this process runs in
     (`ray job submit` sets RAY_ADDRESS for its entry point; so may a user), else None: start a
-    local Ray for this run."""
+    local Ray for this run. Unlike Ray's own default, a cluster that `ray start` left on this
+    machine is joined only when asked for (`ray.address: auto`)."""
     return params.ray.address or os.environ.get("RAY_ADDRESS") or None
 
 
@@ -359,8 +366,15 @@ def start_ray(params: Params, *, sweep: bool = False) -> None:
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     dashboard = params.ray.dashboard or sweep
     hook = "quiet_libraries_and_cleaner" if local and not dashboard else "quiet_libraries"
+    dashboard_port = free_port() if local else None
+    if local:
+        # Train V2's placement-group cleaner reaches the dashboard through Ray's state API,
+        # which, unless told, looks for "the" cluster of this machine: the one `ray start`
+        # last recorded in /tmp/ray, alive or dead. Another Ray there, or a stale record of
+        # one, left a sweep's early-stopped trials holding their CPUs forever. Name ours.
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
     ray.init(
-        address=address,
+        address=address or "local",
         logging_level=logging.WARNING,
         runtime_env={
             "env_vars": {
@@ -374,8 +388,8 @@ def start_ray(params: Params, *, sweep: bool = False) -> None:
             },
             "worker_process_setup_hook": f"pipeline.ray_hooks.{hook}",
         },
-        **({"num_cpus": os.cpu_count(), "include_dashboard": dashboard, "dashboard_host": "127.0.0.1"}
-           if local else {}),
+        **({"num_cpus": os.cpu_count(), "include_dashboard": dashboard, "dashboard_host": "127.0.0.1",
+            "dashboard_port": dashboard_port} if local else {}),
     )
 
 

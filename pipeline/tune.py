@@ -295,8 +295,10 @@ def reproduce_command(file_raw: dict, overlay: dict) -> str:
         if key.startswith("tune."):
             continue
         target = f"profiles.{profile}.{key}" if key in profile_keys else key
-        text = json.dumps(value) if isinstance(value, (list, dict)) else str(value).lower() if isinstance(value, bool) else str(value)
-        assignments.append(f"-S {shlex.quote(f'{target}={text}')}")
+        text = json.dumps(value) if isinstance(value, (list, dict, bool)) else str(value)
+        # `dvc exp run -S` changes keys that params.yaml has; a key it lacks takes Hydra's `+`.
+        add = "" if target in flatten_mapping(file_raw) else "+"
+        assignments.append(f"-S {shlex.quote(f'{add}{target}={text}')}")
     return " ".join(["dvc exp run", *assignments])
 
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, load_params, parse_params
+from pipeline.config import ConfigError, compose, load_params, parse_params, profile_changes
 from pipeline.train import check_resources
+from pipeline.tune import trial_raw
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
@@ -74,3 +77,52 @@ def test_missing_params_file(tmp_path):
 def test_every_section_has_valid_defaults():
     params = parse_params({})
     assert params.train.schedule.name == "cosine" and params.model.preset == "attention56_narrow"
+
+
+# --------------------------------------------------------------------------------------------
+# One order of precedence: built-in defaults < params.yaml < profile < -S < a sweep's values
+
+
+def test_explicit_overrides_beat_the_profile_and_the_profile_beats_the_file():
+    assert load_params(PARAMS, {"profile": "fast"}).train.epochs == 24
+    assert load_params(PARAMS, {"profile": "fast", "train": {"epochs": 30}}).train.epochs == 30
+    raw = base() | {"profile": "fast"}
+    raw["train"]["epochs"] = 7  # as `dvc exp run -S train.epochs=7` writes it: the file's layer
+    assert parse_params(compose(raw)).train.epochs == 24
+    assert profile_changes(raw) == ["profile 'fast' sets train.epochs: 7 -> 24"]
+    # The profile's own entry is where a file edit beats it.
+    raw["profiles"]["fast"]["train"]["epochs"] = 30
+    assert parse_params(compose(raw)).train.epochs == 30
+    assert parse_params({}).train.epochs == 10  # built-in defaults fill what nothing sets
+
+
+def test_a_sweep_trial_keeps_its_sampled_values_and_budget_under_any_profile():
+    raw = compose(base(), {"profile": "paper"})
+    settings = parse_params(raw).tune
+    trial = parse_params(trial_raw(raw, {"train.optimizer.lr": 0.05, "train.schedule.name": "cosine"}, settings))
+    assert trial.model.preset == "attention92"  # the profile still applies beneath
+    assert (trial.train.optimizer.lr, trial.train.schedule.name) == (0.05, "cosine")
+    assert (trial.train.epochs, trial.train.num_workers) == (settings.max_epochs, settings.workers_per_trial)
+
+
+def config_cli(*args: str, cwd: Path = PARAMS.parent) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline.config", *args], cwd=cwd, capture_output=True, text=True)
+
+
+def test_pipeline_config_prints_what_would_run():
+    result = config_cli("-S", "profile=fast", "-S", "train.epochs=30")
+    assert result.returncode == 0, result.stderr
+    resolved = yaml.safe_load(result.stdout)
+    assert resolved["profile"] == "fast" and resolved["train"]["epochs"] == 30
+    assert resolved["train"]["optimizer"]["lr"] == base()["train"]["optimizer"]["lr"]
+    plain = config_cli("-S", "profile=fast")
+    assert "# profile 'fast' sets train.epochs: 5 -> 24" in plain.stdout
+    assert yaml.safe_load(plain.stdout)["train"]["epochs"] == 24
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+def test_non_finite_numbers_are_refused_with_one_message(value):
+    result = config_cli("-S", f"train.optimizer.lr={value}")
+    assert result.returncode == 1 and result.stdout == ""
+    assert "train.optimizer.lr: Input should be a finite number" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -28,6 +29,12 @@ def test_dvc_repro_runs_every_stage_registers_a_model_and_then_is_a_no_op(projec
         assert f"Running stage '{stage}'" in first.stdout
     console = first.stdout + first.stderr
     assert "epoch 2/2: train loss" in console  # the workers' progress reaches the console
+    assert "2 worker(s) x 1 CPU thread(s)" in console  # each worker runs the CPUs Ray gave it
+    # A person reads this: no escape codes in a pipe, no Ray or MLflow chatter at INFO.
+    assert "\x1b[" not in console
+    for chatter in ("Reporting training result", "Started a local Ray instance", "Token authentication is enabled",
+                    "INFO mlflow", "Setting up process group"):
+        assert chatter not in console, chatter
     # The local Ray runs without its dashboard, and Train V2's placement-group cleaner, which
     # asks the dashboard every second whether the controller lives, does not complain of it.
     assert "Failed to query Ray Train Controller actor state" not in console
@@ -162,3 +169,27 @@ def test_dvc_push_then_pull_into_a_clean_clone_restores_the_data_bit_for_bit(pro
     for folder in ("data/raw", "data/prepared"):
         original, pulled = _file_bytes(project / folder), _file_bytes(clone / folder)
         assert original and pulled == original, folder
+
+
+def test_a_diverging_run_stops_with_one_line_and_leaves_no_model(project):
+    if not (project / "data/prepared/train.npz").exists():
+        run(["dvc", "repro", "preprocess"], project)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"]["optimizer"]["lr"] = 1e30  # finite, so valid; the first update wrecks the weights
+    params["ray"]["run_name"] = "diverge"
+    (project / "diverge.yaml").write_text(yaml.safe_dump(params))
+    (project / "models").mkdir(exist_ok=True)
+    (project / "models/model.pt").write_bytes(b"a model from an earlier run")
+    for attempt in ("first", "rerun"):
+        result = subprocess.run([sys.executable, "-m", "pipeline.train", "--params", "diverge.yaml"], cwd=project,
+                                env=stage_env(), capture_output=True, text=True, timeout=600)
+        assert result.returncode == 1, (attempt, result.stdout[-3000:], result.stderr[-3000:])
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        assert re.match(r"error: the training loss became nan at epoch 1, step 2 of \d+;", errors[0]), errors[0]
+        assert not (project / "models/model.pt").exists()
+        assert "epoch 1/2: train loss" not in result.stdout
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    failed = client.search_runs([client.get_experiment_by_name("resattn-cifar10").experiment_id],
+                                "tags.ray_run LIKE 'diverge-%'")
+    assert [r.info.status for r in failed] == ["FAILED"]

@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import free_port, kill_session, session_processes, synthetic_split
 from pipeline.config import ConfigError, parse_params
-from pipeline.tune import validate_space
+from pipeline.tune import reproduce_command, validate_space
 from resattn.cifar10 import write_cifar_format
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -328,3 +328,15 @@ def test_an_interrupted_sweep_restores_from_its_s3_path(sweep_project, local_sta
     for child in children:
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_accuracy")]
         assert len(steps) == len(set(steps)), (child.data.tags["trial_id"], steps)
+
+
+def test_the_reproduce_line_writes_where_dvc_exp_run_makes_each_value_win():
+    raw = shipped()
+    overlay = {"model": {"overrides": {"r": 2}}, "train": {"epochs": 3, "num_workers": 1, "optimizer": {"lr": 0.05}},
+               "tune": {"num_samples": 2}}
+    assert reproduce_command(raw, overlay) == ("dvc exp run -S +model.overrides.r=2 -S train.epochs=3 "
+                                               "-S train.num_workers=1 -S train.optimizer.lr=0.05")
+    raw["profile"] = "paper"  # sets epochs, num_workers and lr itself: the values go into its entry
+    assert reproduce_command(raw, overlay) == (
+        "dvc exp run -S +model.overrides.r=2 -S profiles.paper.train.epochs=3 -S profiles.paper.train.num_workers=1 "
+        "-S profiles.paper.train.optimizer.lr=0.05")

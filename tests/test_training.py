@@ -1,0 +1,50 @@
+"""The training step's guard against divergence, and the learning-rate schedules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from resattn import create_model
+from resattn.data import Normalization
+from resattn.training import NonFiniteLossError, build_optimizer, build_scheduler, lr_factor, train_epoch
+
+NORM = Normalization((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+
+
+def one_epoch(lr: float, epoch: int = 0):
+    torch.manual_seed(0)
+    model = create_model("attention56_tiny")
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.arange(64) % 10
+    optimizer = build_optimizer(model, "sgd", lr, momentum=0.0)
+    scheduler = build_scheduler(optimizer, total_steps=4, schedule="constant")
+    try:
+        return train_epoch(model, optimizer, scheduler, images, labels, NORM, batch_size=16, seed=0, epoch=epoch)
+    except NonFiniteLossError as error:
+        return error
+
+
+def test_a_diverging_run_stops_at_the_first_non_finite_loss_naming_epoch_and_step():
+    error = one_epoch(lr=1e30, epoch=2)  # the first update makes the weights huge
+    assert isinstance(error, NonFiniteLossError)
+    assert (error.epoch, error.step) == (2, 1)  # step 0's update blows up the weights; step 1's loss is nan
+    message = str(error)
+    assert message.startswith("the training loss became nan at epoch 3, step 2 of 4;")
+    assert "\n" not in message
+
+
+def test_a_healthy_epoch_is_not_stopped():
+    result = one_epoch(lr=0.01)
+    assert result.images == 64 and 0.0 < result.loss < 10.0
+
+
+@pytest.mark.parametrize(
+    ("schedule", "step", "expected"),
+    [("constant", 50, 1.0), ("step", 59, 1.0), ("step", 60, 0.1), ("step", 90, 0.01),
+     ("cosine", 0, 1.0), ("cosine", 50, 0.5), ("onecycle", 0, 0.1), ("onecycle", 9, 1.0), ("onecycle", 55, 0.5)],
+)
+def test_learning_rate_schedules(schedule, step, expected):
+    warmup = 10 if schedule == "onecycle" else 0
+    factor = lr_factor(step, 100, schedule, warmup_steps=warmup, milestones=[60, 90], gamma=0.1)
+    assert factor == pytest.approx(expected)
