@@ -84,7 +84,9 @@ def ray_worker(config: dict) -> None:
 @contextmanager
 def local_ray(setup: str, cpus: int):
     """A fresh local Ray with Ray's defaults or the pipeline's set-up; shut down on exit."""
-    saved = {key: os.environ.pop(key) for key in LOCAL_RAY_ENV if key in os.environ}
+    # start_ray also points Ray's state API at the Ray it starts: forget that between rounds.
+    keys = [*LOCAL_RAY_ENV, "RAY_API_SERVER_ADDRESS"]
+    saved = {key: os.environ.pop(key) for key in keys if key in os.environ}
     started = time.perf_counter()
     if setup == "defaults":
         ray.init(num_cpus=cpus, dashboard_host="127.0.0.1", runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}})
@@ -94,7 +96,7 @@ def local_ray(setup: str, cpus: int):
         yield time.perf_counter() - started
     finally:
         ray.shutdown()
-        for key in LOCAL_RAY_ENV:
+        for key in keys:
             os.environ.pop(key, None)
         os.environ.update(saved)
 
