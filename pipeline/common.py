@@ -41,7 +41,7 @@ def run_stage(description: str, stage: Callable[[Params], None], argv: list[str]
     try:
         raw = load_raw(args.params)
         params = parse_params(compose(raw, source=str(args.params)), str(args.params))
-        for line in profile_changes(raw, source=str(args.params)):
+        for line in profile_changes(raw):
             print(line, flush=True)
         stage(params)
     except (ConfigError, DataError, StageError) as error:

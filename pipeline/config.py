@@ -220,7 +220,9 @@ class Params(Section):
     @field_validator("profile")
     @classmethod
     def _profile_defined(cls, profile: str, info: ValidationInfo) -> str:
-        profiles = info.data.get("profiles", {})  # validated first: declared first
+        if "profiles" not in info.data:  # declared first, so validated first: it failed, and says so
+            return profile
+        profiles = info.data["profiles"]
         if profile not in profiles and profile != "quick-cpu":
             raise ValueError(f"unknown profile {profile!r}; defined: {', '.join(profiles) or 'none'}")
         return profile
@@ -249,16 +251,19 @@ def _format(error: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def _profile_overlay(raw: dict[str, Any], source: str) -> tuple[str, dict[str, Any]]:
-    profile = raw.get("profile", "quick-cpu")
-    profiles = raw.get("profiles") or {}
-    if not isinstance(profiles, dict) or (profile not in profiles and profile != "quick-cpu"):
-        defined = ", ".join(profiles) if isinstance(profiles, dict) and profiles else "none"
-        raise ConfigError(f"{source} is invalid:\n  profile: unknown profile {profile!r}; defined: {defined}")
-    overlay = profiles.get(profile) or {}
-    if not isinstance(overlay, dict):
-        raise ConfigError(f"{source} is invalid:\n  profiles.{profile}: must be a mapping of sections")
-    return profile, overlay
+PROFILE_KEYS = ("profile", "profiles")
+
+
+def profile_selection(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+    """(name, overlay) of the profile that params.yaml's mapping `raw` chooses, or `overrides`
+    (`-S profile=fast`). A profile that is not defined, or not a mapping, overlays nothing
+    here: validating the composed params reports it, naming the key."""
+    selection = deep_merge({key: raw[key] for key in PROFILE_KEYS if key in raw},
+                           {key: overrides[key] for key in PROFILE_KEYS if key in (overrides or {})})
+    profile = selection.get("profile", "quick-cpu")
+    profiles = selection.get("profiles")
+    overlay = profiles.get(profile) if isinstance(profiles, dict) else None
+    return profile, overlay if isinstance(overlay, dict) else {}
 
 
 def compose(raw: dict[str, Any], overrides: dict[str, Any] | None = None, source: str = "params.yaml") -> dict[str, Any]:
@@ -267,21 +272,16 @@ def compose(raw: dict[str, Any], overrides: dict[str, Any] | None = None, source
     the result is validated). `overrides` may itself choose the profile (`-S profile=fast`)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source} must be a mapping of sections; got {type(raw).__name__}")
-    overrides = overrides or {}
-    selection = deep_merge({key: raw[key] for key in ("profile", "profiles") if key in raw},
-                           {key: overrides[key] for key in ("profile", "profiles") if key in overrides})
-    _, overlay = _profile_overlay(selection, source)
-    return deep_merge(deep_merge(deep_merge(raw, selection), overlay), overrides)
+    _, overlay = profile_selection(raw, overrides)
+    return deep_merge(deep_merge(raw, overlay), overrides or {})
 
 
-def profile_changes(raw: dict[str, Any], overrides: dict[str, Any] | None = None, source: str = "params.yaml") -> list[str]:
+def profile_changes(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> list[str]:
     """What the profile changes in the sections of params.yaml's mapping `raw`, as lines
     `profile 'fast' sets train.epochs: 5 -> 24`, leaving out what `overrides` set anyway:
     nothing a profile does goes unsaid."""
-    overrides = overrides or {}
-    profile, overlay = _profile_overlay(compose(raw, {k: v for k, v in overrides.items() if k in ("profile", "profiles")},
-                                                source), source)
-    overridden = flatten_mapping(overrides)
+    profile, overlay = profile_selection(raw, overrides)
+    overridden = flatten_mapping(overrides or {})
     changes = []
     for key, value in flatten_mapping(overlay).items():
         if key in overridden:
@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
-    for line in profile_changes(raw, overrides, str(args.params)):
+    for line in profile_changes(raw, overrides):
         print(f"# {line}")
     print(yaml.safe_dump(params.model_dump(exclude={"profiles"}), sort_keys=False), end="")
 

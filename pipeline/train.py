@@ -92,9 +92,9 @@ def use_reserved_cpus() -> int:
 
     Ray sets OMP_NUM_THREADS for a worker only once the worker process runs, which is too late
     when torch is already loaded (a set-up hook or an import is enough): OpenMP then keeps one
-    thread per core. On 2 cores, two 1-CPU workers ran 4 busy threads and trained at 87 instead
-    of 438 img/s (BENCHMARKS.md). torch.set_num_threads here, in the thread that trains, holds
-    whatever the environment."""
+    thread per core. On 2 cores, two 1-CPU workers ran 4 busy threads and trained at 75-95
+    instead of 341-439 img/s (BENCHMARKS.md). torch.set_num_threads here, in the thread that
+    trains, holds whatever the environment."""
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
     threads = max(int(cpus), 1)
     torch.set_num_threads(threads)
@@ -355,24 +355,24 @@ def start_ray(params: Params, *, sweep: bool = False) -> None:
         return
     address = cluster_address(params)
     local = address is None
+    dashboard_port = None
     if local:
         for key, value in LOCAL_RAY_ENV.items():
             os.environ.setdefault(key, value)
         # Ray 2.60 turns token authentication on for a new local Ray and warns that it did, on
         # every start; it stays on, the warning goes.
         logging.getLogger(RAY_AUTH_SETUP_LOGGER).setLevel(logging.ERROR)
+        # Train V2's placement-group cleaner reaches the dashboard through Ray's state API,
+        # which, unless told, looks for "the" cluster of this machine: the one `ray start`
+        # last recorded in /tmp/ray, alive or dead. Another Ray there, or a stale record of
+        # one, left a sweep's early-stopped trials holding their CPUs forever. Name ours.
+        dashboard_port = free_port()
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
     # Ray colours each worker's prefix; in a log file or a pipe those are escape codes.
     if not sys.stdout.isatty():
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     dashboard = params.ray.dashboard or sweep
     hook = "quiet_libraries_and_cleaner" if local and not dashboard else "quiet_libraries"
-    dashboard_port = free_port() if local else None
-    if local:
-        # Train V2's placement-group cleaner reaches the dashboard through Ray's state API,
-        # which, unless told, looks for "the" cluster of this machine: the one `ray start`
-        # last recorded in /tmp/ray, alive or dead. Another Ray there, or a stale record of
-        # one, left a sweep's early-stopped trials holding their CPUs forever. Name ours.
-        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
     ray.init(
         address=address or "local",
         logging_level=logging.WARNING,
@@ -393,14 +393,16 @@ def start_ray(params: Params, *, sweep: bool = False) -> None:
     )
 
 
-def build_trainer(params: Params, loop_config: dict, *, name: str, storage_path: str, num_workers: int,
-                  callbacks: list | None = None) -> ray.train.torch.TorchTrainer:
+def build_trainer(params: Params, data: ray.ObjectRef, tracking_uri: str, run_id: str, *, name: str,
+                  storage_path: str, callbacks: list | None = None) -> ray.train.torch.TorchTrainer:
     """The one TorchTrainer of the pipeline, for a training run and for each sweep trial: the
-    worker loop above, two checkpoints kept (`load_resumable_state` falls back to the older)."""
+    worker loop above on `train.num_workers` workers, with the prepared arrays in the object
+    store, logging to MLflow run `run_id`; two checkpoints kept (`load_resumable_state` falls
+    back to the older)."""
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=params.train.use_gpu),
+        train_loop_config={"params": params.model_dump(), "data": data, "tracking_uri": tracking_uri, "run_id": run_id},
+        scaling_config=ray.train.ScalingConfig(num_workers=params.train.num_workers, use_gpu=params.train.use_gpu),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage_path,
@@ -538,10 +540,7 @@ def train(params: Params) -> None:
 
     start_ray(params)
     started = time.monotonic()
-    trainer = build_trainer(
-        params, {"params": params.model_dump(), "data": ray.put(data), "tracking_uri": tracking_uri, "run_id": run_id},
-        name=run_name, storage_path=storage_path, num_workers=params.train.num_workers,
-    )
+    trainer = build_trainer(params, ray.put(data), tracking_uri, run_id, name=run_name, storage_path=storage_path)
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as error:

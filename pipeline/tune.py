@@ -58,6 +58,7 @@ from pipeline.config import (
     parse_assignments,
     parse_params,
     profile_changes,
+    profile_selection,
 )
 from pipeline.evaluate import evaluate_model
 from pipeline.ray_hooks import quiet_libraries
@@ -197,11 +198,9 @@ def run_trial(sampled: dict, *, raw: dict, context: dict) -> None:
     client = MlflowClient(context["tracking_uri"])
     run_id = trial_child_run(client, context["experiment_id"], context["parent_run_id"], trial_id, params, sampled)
     trainer = build_trainer(
-        params, {"params": params.model_dump(), "data": context["data"], "tracking_uri": context["tracking_uri"],
-                 "run_id": run_id},
+        params, context["data"], context["tracking_uri"], run_id,
         # Derived from the trial id, so a restored sweep resumes this very Train run.
-        name=f"{context['sweep']}-{trial_id}", storage_path=context["storage_path"], num_workers=context["workers"],
-        callbacks=[TuneReportCallback()],
+        name=f"{context['sweep']}-{trial_id}", storage_path=context["storage_path"], callbacks=[TuneReportCallback()],
     )
     trainer.fit()
 
@@ -287,9 +286,9 @@ def reproduce_command(file_raw: dict, overlay: dict) -> str:
     and the trial's layer) over params.yaml's mapping `file_raw`. `dvc exp run -S` writes into
     params.yaml's sections, which the profile overrides (pipeline/config.py), so a value the
     chosen profile sets goes into the profile's entry instead. Sweep settings are left out."""
-    chosen = compose(file_raw, {k: v for k, v in overlay.items() if k in ("profile", "profiles")})
-    profile = chosen.get("profile", "quick-cpu")
-    profile_keys = flatten_mapping((chosen.get("profiles") or {}).get(profile) or {})
+    profile, profile_overlay = profile_selection(file_raw, overlay)
+    profile_keys = flatten_mapping(profile_overlay)
+    file_keys = flatten_mapping(file_raw)
     assignments = []
     for key, value in flatten_mapping(overlay).items():
         if key.startswith("tune."):
@@ -297,7 +296,7 @@ def reproduce_command(file_raw: dict, overlay: dict) -> str:
         target = f"profiles.{profile}.{key}" if key in profile_keys else key
         text = json.dumps(value) if isinstance(value, (list, dict, bool)) else str(value)
         # `dvc exp run -S` changes keys that params.yaml has; a key it lacks takes Hydra's `+`.
-        add = "" if target in flatten_mapping(file_raw) else "+"
+        add = "" if target in file_keys else "+"
         assignments.append(f"-S {shlex.quote(f'{add}{target}={text}')}")
     return " ".join(["dvc exp run", *assignments])
 
@@ -320,8 +319,7 @@ def sweep(file_raw: dict, explicit: dict | None = None, source: str = "params.ya
     storage_path = resolve_storage_path(params)
     start_ray(params, sweep=True)
     context = {"settings": settings, "tracking_uri": tracking_uri, "experiment_id": experiment_id,
-               "parent_run_id": parent_id, "data": ray.put(data), "workers": settings.workers_per_trial,
-               "sweep": settings.name, "storage_path": storage_path}
+               "parent_run_id": parent_id, "data": ray.put(data), "sweep": settings.name, "storage_path": storage_path}
     # The trial function only launches and waits: its Train workers hold the CPUs and GPUs.
     trainable = tune.with_resources(tune.with_parameters(run_trial, raw=raw, context=context),
                                     {"cpu": 0, "memory": 64 * 1024**2})
@@ -414,7 +412,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         file_raw = load_raw(args.params)
         explicit = parse_assignments(args.set)
-        for line in profile_changes(file_raw, explicit, str(args.params)):
+        for line in profile_changes(file_raw, explicit):
             print(line, flush=True)
         sweep(file_raw, explicit, str(args.params))
     except (ConfigError, DataError) as error:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -18,6 +17,7 @@ import psutil
 import pytest
 import yaml
 
+from pipeline.train import free_port  # noqa: F401 - shared with the tests
 from resattn.cifar10 import Split, write_cifar_format
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,12 +25,6 @@ BIN = Path(sys.executable).parent
 REAL_CIFAR10 = ROOT.parent / "shared" / "cifar-10-batches-py"
 sys.path.insert(0, str(ROOT / "infra"))  # infra/ holds scripts, not a package
 from local_stack import session_processes  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def kill_session(session_id: int) -> None:
