@@ -16,7 +16,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.config import deep_merge, load_raw
 from pipeline.tune import sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,24 +30,20 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    base = load_raw(ROOT / "params.yaml")
     work = Path(tempfile.mkdtemp(prefix="asha-bench-"))
-    overlay = {
-        "data": {"prepared_dir": str(ROOT / "data" / "prepared")},
-        "model": {"preset": args.preset},
-        "train": {"train_subset": args.train_subset, "num_workers": 1},
-        "mlflow": {"tracking_uri": f"sqlite:///{work / 'mlflow.db'}"},
-        "ray": {"storage_path": str(work / "ray_results")},
-        "tune": {"num_samples": args.samples, "max_epochs": args.max_epochs, "seed": args.seed,
-                 "workers_per_trial": 1, "max_concurrent_trials": 0},
-    }
+    assignments = [
+        f"data.prepared_dir={ROOT / 'data' / 'prepared'}", f"model.preset={args.preset}",
+        f"train.train_subset={args.train_subset}", "train.num_workers=1",
+        f"mlflow.tracking_uri=sqlite:///{work / 'mlflow.db'}", f"ray.storage_path={work / 'ray_results'}",
+        f"tune.num_samples={args.samples}", f"tune.max_epochs={args.max_epochs}", f"tune.seed={args.seed}",
+        "tune.workers_per_trial=1", "tune.max_concurrent_trials=0",
+    ]
     print(f"# {platform.machine()}, {args.samples} trials, {args.max_epochs} epochs max, "
           f"{args.train_subset} training images, {args.preset}, seed {args.seed}, workdir {work}")
     outcomes = {}
     for name, early in (("asha", True), ("full", False)):
-        explicit = deep_merge(overlay, {"tune": {"name": f"bench-{name}", "early_stopping": early}})
         started = time.monotonic()
-        summary = sweep(base, explicit)
+        summary = sweep(ROOT / "params.yaml", [*assignments, f"tune.name=bench-{name}", f"tune.early_stopping={str(early).lower()}"])
         outcomes[name] = (summary, time.monotonic() - started)
     for name, (summary, seconds) in outcomes.items():
         print(f"{name}: best val_accuracy {summary['val_accuracy']:.4f}, trial-epochs {summary['trial_epochs']}, "

@@ -5,7 +5,7 @@ accuracy and its difference from the recipe; record results in BENCHMARKS.md.
 
     python benchmarks/recipe_ablation.py --epochs 5
 
-The recipe is params.yaml's active profile (quick-cpu: Attention-56 at half width, one-cycle
+The recipe is the quick-cpu profile composed from conf/ ( Attention-56 at half width, one-cycle
 SGD, label smoothing 0.1, no weight decay on BN and biases, bf16, channels_last) with its
 train/validation split; `--epochs` shortens or lengthens it. The recipe also runs with a second
 seed, so a difference can be read against seed-to-seed spread. It runs in one process at the
@@ -33,23 +33,23 @@ DEFAULT_DATA = ROOT.parent / "shared" / "cifar-10-batches-py"
 
 # name -> params overrides on top of the recipe (as `dvc exp run -S` would set them)
 VARIANTS = {
-    "recipe": {},
-    "recipe, seed 1": {"train": {"seed": 1}},
-    "no label smoothing": {"train": {"label_smoothing": 0.0}},
-    "weight decay on BN and biases too": {"train": {"optimizer": {"decay_norm_and_bias": True}}},
-    "cosine instead of one-cycle": {"train": {"schedule": {"name": "cosine"}}},
-    "zero-initialised residual branches": {"model": {"overrides": {"zero_init_residual": True}}},
+    "recipe": [],
+    "recipe, seed 1": ["train.seed=1"],
+    "no label smoothing": ["train.label_smoothing=0.0"],
+    "weight decay on BN and biases too": ["train.optimizer.decay_norm_and_bias=true"],
+    "cosine instead of one-cycle": ["train.schedule.name=cosine"],
+    "zero-initialised residual branches": ["+model.overrides.zero_init_residual=true"],
 }
 
 
-def recipe_params(overrides: dict | None = None) -> Params:
-    """params.yaml with its profile applied, then `overrides` on top (so a profile cannot undo them)."""
-    return load_params(ROOT / "params.yaml", overrides)
+def recipe_params(assignments: list[str] = ()) -> Params:
+    """The params of `dvc exp run -S <assignments>`: conf/ composed, then `assignments`."""
+    return load_params(ROOT / "params.yaml", assignments)
 
 
-def train_variant(overrides: dict, epochs: int, data: dict) -> tuple[list[float], float]:
-    """(validation accuracy after each epoch, training seconds) of the recipe with `overrides`."""
-    params = recipe_params(deep_merge(overrides, {"train": {"epochs": epochs}}))
+def train_variant(assignments: list[str], epochs: int, data: dict) -> tuple[list[float], float]:
+    """(validation accuracy after each epoch, training seconds) of the recipe with `assignments`."""
+    params = recipe_params([*assignments, f"train.epochs={epochs}"])
     cfg = params.train
     autocast_dtype = torch.bfloat16 if cfg.mixed_precision else None
     torch.manual_seed(cfg.seed)

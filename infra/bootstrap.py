@@ -97,7 +97,7 @@ DVC remote (data and stage outputs; `dvc push` / `dvc pull`):
 MLflow tracking server (clients need only HTTP access to it, not S3):
   mlflow server --backend-store-uri postgresql://USER@HOST/mlflow \\
     --artifacts-destination s3://{names['mlflow']}/artifacts --host 0.0.0.0 --port 5000
-params.yaml (or dvc exp run -S ...):
+conf/config.yaml (or dvc exp run -S ...):
   mlflow.tracking_uri: http://MLFLOW_HOST:5000
   ray.storage_path: s3://{names['ray']}/runs
   data.source: s3://{names['data']}/cifar-10-python.tar.gz   # after uploading the tarball once

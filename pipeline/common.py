@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.config import DEFAULT_PARAMS, ConfigError, Params, compose, load_raw, parse_params, profile_changes
+from pipeline.config import DEFAULT_PARAMS, ConfigError, Params, load_params
 from pipeline.ray_hooks import quiet_libraries
 from resattn.cifar10 import DataError
 
@@ -39,11 +39,7 @@ def run_stage(description: str, stage: Callable[[Params], None], argv: list[str]
     change_to_root(args.root)
     quiet_libraries()
     try:
-        raw = load_raw(args.params)
-        params = parse_params(compose(raw, source=str(args.params)), str(args.params))
-        for line in profile_changes(raw):
-            print(line, flush=True)
-        stage(params)
+        stage(load_params(args.params))
     except (ConfigError, DataError, StageError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -1,33 +1,36 @@
-"""params.yaml, validated into typed config before any expensive work starts.
+"""The params that run, validated into typed config before any expensive work starts.
 
-One source of truth: every stage and the tuner read their settings through `load_params` (a
-sweep through `compose` and `parse_params`). One order of precedence, applied in `compose`
-alone; later wins:
+params.yaml is what every stage reads and DVC tracks. It is composed from conf/ by Hydra, the
+way `dvc exp run -S` composes it (Hydra is enabled in .dvc/config). One order of precedence,
+later wins:
 
-1. built-in defaults: the field defaults below;
-2. params.yaml's sections (`data`, `model`, `train`, ...), where `dvc exp run -S` writes too;
-3. the profile: the entry of `profiles` named by `profile` (`dvc exp run -S profile=paper`);
-4. explicit overrides: `-S key=value` given to pipeline/tune.py or `python -m pipeline.config`;
-5. in a sweep, each trial's sampled values and epoch budget (pipeline/tune.py).
+1. built-in defaults: the field defaults below, for whatever the files leave out;
+2. conf/config.yaml;
+3. the profile: conf/profile/<name>.yaml, chosen by `profile` (`-S profile=paper`);
+4. explicit overrides: `-S key=value` given to `dvc exp run`, pipeline/tune.py or
+   `python -m pipeline.config`;
+5. in a sweep, each trial's sampled values, epoch budget and worker count (pipeline/tune.py).
 
-`dvc exp run -S` edits params.yaml itself, so its values are layer 2: to change a value that
-the chosen profile sets, set it in the profile (`-S profiles.fast.train.epochs=30`).
-`profile_changes` lists what a profile changed, and every stage prints it.
-Errors name the key, the value and what is allowed (ConfigError, one message for all problems).
+Layers 2-4 are Hydra's (`compose`); layer 1 is validation's (`parse_params`); layer 5 is the
+sweep's (a mapping merged on top with `deep_merge`). Errors name the key, the value and what is
+allowed (ConfigError, one message for all problems).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from resattn.cifar10 import OFFICIAL_URL, SOURCE_ENV_VAR
+from resattn.data import write_text
 from resattn.model import model_config
 from resattn.training import OPTIMIZERS, SCHEDULES
 
@@ -198,8 +201,7 @@ class TuneSection(Section):
 
 
 class Params(Section):
-    profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    profile: str = "quick-cpu"
+    profile: str = Field("quick-cpu", description="the conf/profile/ file params.yaml was composed with")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelSection = Field(default_factory=ModelSection)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -207,35 +209,6 @@ class Params(Section):
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     tune: TuneSection = Field(default_factory=TuneSection)
-
-    @field_validator("profiles")
-    @classmethod
-    def _profiles_are_sections(cls, profiles: dict) -> dict:
-        for name, overlay in profiles.items():
-            for key in overlay or {}:
-                if key in ("profile", "profiles"):
-                    raise ValueError(f"profile {name!r} cannot set {key!r}")
-        return profiles
-
-    @field_validator("profile")
-    @classmethod
-    def _profile_defined(cls, profile: str, info: ValidationInfo) -> str:
-        if "profiles" not in info.data:  # declared first, so validated first: it failed, and says so
-            return profile
-        profiles = info.data["profiles"]
-        if profile not in profiles and profile != "quick-cpu":
-            raise ValueError(f"unknown profile {profile!r}; defined: {', '.join(profiles) or 'none'}")
-        return profile
-
-
-def deep_merge(base: dict, overlay: dict) -> dict:
-    merged = dict(base)
-    for key, value in overlay.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 def _format(error: ValidationError, source: str) -> str:
@@ -251,47 +224,33 @@ def _format(error: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-PROFILE_KEYS = ("profile", "profiles")
+def parse_params(resolved: dict[str, Any], source: str = "params.yaml") -> Params:
+    """Validate a resolved params mapping (built-in defaults fill what it leaves out)."""
+    if not isinstance(resolved, dict):
+        raise ConfigError(f"{source} must be a mapping of sections; got {type(resolved).__name__}")
+    try:
+        return Params.model_validate(resolved)
+    except ValidationError as error:
+        raise ConfigError(_format(error, source)) from None
 
 
-def profile_selection(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
-    """(name, overlay) of the profile that params.yaml's mapping `raw` chooses, or `overrides`
-    (`-S profile=fast`). A profile that is not defined, or not a mapping, overlays nothing
-    here: validating the composed params reports it, naming the key."""
-    selection = deep_merge({key: raw[key] for key in PROFILE_KEYS if key in raw},
-                           {key: overrides[key] for key in PROFILE_KEYS if key in (overrides or {})})
-    profile = selection.get("profile", "quick-cpu")
-    profiles = selection.get("profiles")
-    overlay = profiles.get(profile) if isinstance(profiles, dict) else None
-    return profile, overlay if isinstance(overlay, dict) else {}
+def deep_merge(base: dict, overlay: dict) -> dict:
+    """`overlay` over `base`, mapping by mapping (a sweep trial's layer over the params)."""
+    merged = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
-def compose(raw: dict[str, Any], overrides: dict[str, Any] | None = None, source: str = "params.yaml") -> dict[str, Any]:
-    """The params that run: params.yaml's mapping `raw`, then its profile, then `overrides`
-    (the order of precedence of this module's docstring; built-in defaults fill the rest when
-    the result is validated). `overrides` may itself choose the profile (`-S profile=fast`)."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source} must be a mapping of sections; got {type(raw).__name__}")
-    _, overlay = profile_selection(raw, overrides)
-    return deep_merge(deep_merge(raw, overlay), overrides or {})
-
-
-def profile_changes(raw: dict[str, Any], overrides: dict[str, Any] | None = None) -> list[str]:
-    """What the profile changes in the sections of params.yaml's mapping `raw`, as lines
-    `profile 'fast' sets train.epochs: 5 -> 24`, leaving out what `overrides` set anyway:
-    nothing a profile does goes unsaid."""
-    profile, overlay = profile_selection(raw, overrides)
-    overridden = flatten_mapping(overrides or {})
-    changes = []
-    for key, value in flatten_mapping(overlay).items():
-        if key in overridden:
-            continue
-        base: Any = raw
-        for part in key.split("."):
-            base = base.get(part) if isinstance(base, dict) else None
-        if base != value:
-            changes.append(f"{key}: {base!r} -> {value!r}" if base is not None else f"{key}: {value!r}")
-    return [f"profile {profile!r} sets {change}" for change in changes]
+def overlay_for(key: str, value: Any) -> dict:
+    """`train.optimizer.lr`, 0.1 -> {"train": {"optimizer": {"lr": 0.1}}}."""
+    nested: Any = value
+    for part in reversed(key.split(".")):
+        nested = {part: nested}
+    return nested
 
 
 def flatten_mapping(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -306,41 +265,53 @@ def flatten_mapping(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]
     return flat
 
 
-def parse_params(resolved: dict[str, Any], source: str = "params.yaml") -> Params:
-    """Validate params that `compose` resolved (a mapping without a profile validates as is:
-    the profile is applied in `compose` alone)."""
-    try:
-        return Params.model_validate(resolved)
-    except ValidationError as error:
-        raise ConfigError(_format(error, source)) from None
+# --------------------------------------------------------------------------------------------
+# Composition: conf/ and `-S`, as `dvc exp run -S` does it
 
 
-def overlay_for(key: str, value: Any) -> dict:
-    """`train.optimizer.lr`, 0.1 -> {"train": {"optimizer": {"lr": 0.1}}}."""
-    nested: Any = value
-    for part in reversed(key.split(".")):
-        nested = {part: nested}
-    return nested
+def config_dir(params_path: Path) -> Path:
+    """The Hydra config that composes `params_path`: conf/ beside it."""
+    return Path(params_path).resolve().parent / "conf"
 
 
-def parse_assignments(assignments: list[str]) -> dict[str, Any]:
-    """`["train.epochs=3", "ray.address=auto"]` (as `dvc exp run -S` takes them, values read as
-    YAML) -> the nested overlay {"train": {"epochs": 3}, "ray": {"address": "auto"}}."""
-    overlay: dict[str, Any] = {}
+def composes(params_path: Path) -> bool:
+    """Whether `-S` composes conf/ for this params file, DVC's rule with Hydra enabled: only for
+    params.yaml, which DVC writes from conf/; any other file takes `-S` on its own values."""
+    return Path(params_path).name == DEFAULT_PARAMS.name and (config_dir(params_path) / "config.yaml").is_file()
+
+
+ASSIGNMENT = re.compile(r"(\+{1,2}|~)?[A-Za-z_][\w-]*(\.[A-Za-z_][\w-]*)*=.*|~[A-Za-z_][\w.-]*", re.S)
+
+
+def _hydra_compose(directory: Path, name: str, assignments: list[str], source: str) -> dict[str, Any]:
     for assignment in assignments:
-        key, sep, text = assignment.partition("=")
-        if not sep or not key or any(not part for part in key.split(".")):
-            raise ConfigError(f"override {assignment!r} is not KEY=VALUE with a dotted key, e.g. train.epochs=3")
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError:
-            value = text
-        overlay = deep_merge(overlay, overlay_for(key, value))
-    return overlay
+        if not ASSIGNMENT.fullmatch(assignment):
+            raise ConfigError(f"-S {assignment!r} is not KEY=VALUE with a dotted key, e.g. train.epochs=3 "
+                              f"(+KEY=VALUE adds a key the params lack)")
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(str(directory.resolve()), version_base=None):
+            composed = compose(config_name=name, overrides=list(assignments))
+        return OmegaConf.to_container(composed, resolve=True, throw_on_missing=True)
+    except (HydraException, OmegaConfBaseException) as error:
+        # Hydra's message names the override and what to do; its search-path listing does not help.
+        message = str(error).split("\nConfig search path:")[0].strip()
+        raise ConfigError(f"{source}: {message}") from None
+
+
+def compose(assignments: list[str] = (), params_path: Path = DEFAULT_PARAMS) -> dict[str, Any]:
+    """What `dvc exp run -S <assignments>` writes to params.yaml: conf/config.yaml, then the
+    profile it chooses (`profile=fast` chooses conf/profile/fast.yaml), then the assignments."""
+    directory = config_dir(params_path)
+    return _hydra_compose(directory, "config", assignments, f"composing {os.path.relpath(directory)}/")
 
 
 def load_raw(path: Path = DEFAULT_PARAMS) -> dict[str, Any]:
-    """The params file as a mapping, as written (no profile applied, not yet validated)."""
+    """The params file as a mapping, as written (not yet validated)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path} not found; run from the project root or pass --params")
@@ -351,30 +322,60 @@ def load_raw(path: Path = DEFAULT_PARAMS) -> dict[str, Any]:
     return raw
 
 
-def load_params(path: Path = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None) -> Params:
-    """The validated params that run: the file, its profile, then `overrides`."""
-    return parse_params(compose(load_raw(path), overrides, str(path)), str(path))
+def resolve(path: Path = DEFAULT_PARAMS, assignments: list[str] = ()) -> dict[str, Any]:
+    """The params mapping that runs for a params file and `-S` assignments, as `dvc exp run -S`
+    resolves them: params.yaml is composed afresh from conf/ with the assignments; any other
+    file takes them on its own values. Keys the file lacks need Hydra's `+key=value`."""
+    if not assignments:
+        return load_raw(path)
+    if composes(path):
+        return compose(assignments, path)
+    raw = load_raw(path)
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+        return _hydra_compose(Path(folder), "params", assignments, f"-S on {path}")
+
+
+def load_params(path: Path = DEFAULT_PARAMS, assignments: list[str] = ()) -> Params:
+    """The validated params that run (`resolve`)."""
+    return parse_params(resolve(path, assignments), str(path))
+
+
+def render(resolved: dict[str, Any]) -> str:
+    """params.yaml's text for a resolved mapping, byte for byte as `dvc exp run -S` writes it
+    (so a rewrite that changes nothing shows no diff)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.create(resolved))
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m pipeline.config [--params FILE] [-S key=value ...]`: the params that would run."""
+    """`python -m pipeline.config [--params FILE] [-S key=value ...] [--write]`."""
     parser = argparse.ArgumentParser(
-        description="Print the fully resolved params (what would actually run) as YAML, after the order of "
-                    "precedence: built-in defaults < params.yaml < profile < -S < a sweep's sampled values.")
+        description="Print the fully resolved params (what would actually run) as YAML. Order of precedence: "
+                    "built-in defaults < conf/config.yaml < conf/profile/<profile>.yaml < -S < a sweep's sampled "
+                    "values. Without -S: params.yaml as `dvc repro` runs it; with -S: as `dvc exp run -S` would.")
     parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS, help="params file (default: params.yaml)")
     parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a param, as `dvc exp run -S` does (e.g. -S profile=fast -S train.epochs=30)")
+                        help="override a param as `dvc exp run -S` does (e.g. -S profile=fast -S train.epochs=30)")
+    parser.add_argument("--write", action="store_true",
+                        help="compose conf/ with the -S given and write the result to params.yaml (after editing "
+                             "conf/, so that `dvc repro` runs it)")
     args = parser.parse_args(argv)
     try:
-        raw = load_raw(args.params)
-        overrides = parse_assignments(args.set)
-        params = parse_params(compose(raw, overrides, str(args.params)), str(args.params))
+        if args.write and not composes(args.params):
+            raise ConfigError(f"--write composes conf/config.yaml into params.yaml; {config_dir(args.params)} "
+                              f"has no config.yaml or --params is not a params.yaml")
+        resolved = compose(args.set, args.params) if args.write else resolve(args.params, args.set)
+        parse_params(resolved, str(args.params))
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
-    for line in profile_changes(raw, overrides):
-        print(f"# {line}")
-    print(yaml.safe_dump(params.model_dump(exclude={"profiles"}), sort_keys=False), end="")
+    if args.write:
+        write_text(args.params, render(resolved))
+        print(f"wrote {args.params} (profile {resolved.get('profile')!r})")
+    else:
+        print(render(resolved), end="")
 
 
 if __name__ == "__main__":

@@ -503,7 +503,7 @@ def open_mlflow_run(params: Params, tracking_uri: str, run_name: str) -> str:
         tags={"ray_run": run_name, "git_commit": git_commit(), "data_hash": dvc_lock_data_hash(),
               "seed": str(params.train.seed), "profile": params.profile},
     )
-    log_params(client, run.info.run_id, flatten("", params.model_dump(exclude={"profiles"})))
+    log_params(client, run.info.run_id, flatten("", params.model_dump()))
     return run.info.run_id
 
 

@@ -9,9 +9,10 @@ on validation accuracy. Each trial is a data-parallel Ray Train run of the pipel
 loop, logged as an MLflow child run of the sweep's parent run. At the end, only the best trial
 is evaluated on the test set, registered, and made champion if it beats the current one.
 
-Sweeps live beside the DVC DAG, not in it: they are exploratory and long. The sweep writes the
-best overlay to reports/tune/<name>/best_params.yaml and prints the `dvc exp run -S ...` line
-that reproduces it through the pipeline.
+Sweeps live beside the DVC DAG, not in it: they are exploratory and long. `-S` works as for
+`dvc exp run`: on params.yaml it composes conf/ afresh. The sweep writes the best trial's params
+to reports/tune/<name>/best_params.yaml and prints the `dvc exp run -S ...` line that reproduces
+it through the pipeline.
 """
 
 from __future__ import annotations
@@ -50,15 +51,11 @@ from pipeline.config import (
     ConfigError,
     Params,
     TuneSection,
-    compose,
     deep_merge,
     flatten_mapping,
-    load_raw,
     overlay_for,
-    parse_assignments,
     parse_params,
-    profile_changes,
-    profile_selection,
+    resolve,
 )
 from pipeline.evaluate import evaluate_model
 from pipeline.ray_hooks import quiet_libraries
@@ -120,7 +117,7 @@ def sweep_layer(settings: TuneSection, sampled: dict[str, Any]) -> dict:
 
 
 def trial_raw(resolved: dict, sampled: dict[str, Any], settings: TuneSection) -> dict:
-    """The params of one trial: the sweep's resolved params (file, profile, -S), then the
+    """The params of one trial: the sweep's resolved params (conf/, profile, -S), then the
     sweep's layer."""
     return deep_merge(resolved, sweep_layer(settings, sampled))
 
@@ -182,7 +179,7 @@ def trial_child_run(client: MlflowClient, experiment_id: str, parent_id: str, tr
     run = client.create_run(experiment_id, run_name=f"trial {trial_id}",
                             tags={"mlflow.parentRunId": parent_id, "trial_id": trial_id, "role": "trial",
                                   "seed": str(params.train.seed)})
-    logged = flatten("", params.model_dump(exclude={"profiles", "tune"}))
+    logged = flatten("", params.model_dump(exclude={"tune"}))
     logged.update({f"searched.{k}": str(v) for k, v in sampled.items()})
     log_params(client, run.info.run_id, logged)
     return run.info.run_id
@@ -281,32 +278,23 @@ def concurrent_trials(params: Params) -> int:
     return max(1, available // params.tune.workers_per_trial)
 
 
-def reproduce_command(file_raw: dict, overlay: dict) -> str:
-    """The `dvc exp run` line that trains the params of `overlay` (the sweep's own overrides
-    and the trial's layer) over params.yaml's mapping `file_raw`. `dvc exp run -S` writes into
-    params.yaml's sections, which the profile overrides (pipeline/config.py), so a value the
-    chosen profile sets goes into the profile's entry instead. Sweep settings are left out."""
-    profile, profile_overlay = profile_selection(file_raw, overlay)
-    profile_keys = flatten_mapping(profile_overlay)
-    file_keys = flatten_mapping(file_raw)
-    assignments = []
-    for key, value in flatten_mapping(overlay).items():
-        if key.startswith("tune."):
-            continue
-        target = f"profiles.{profile}.{key}" if key in profile_keys else key
+def reproduce_command(resolved: dict, assignments: list[str], layer: dict) -> str:
+    """The `dvc exp run` line that trains a trial: the sweep's own `-S` assignments (its sweep
+    settings left out), then the trial's layer. `dvc exp run -S` composes conf/ as the sweep
+    did, and a later `-S` wins, so the line sets exactly the trial's params. A key that the
+    sweep's `resolved` params lack takes Hydra's `+`."""
+    present = flatten_mapping(resolved)
+    kept = [a for a in assignments if not a.lstrip("+~").startswith("tune.")]
+    for key, value in flatten_mapping(layer).items():
         text = json.dumps(value) if isinstance(value, (list, dict, bool)) else str(value)
-        # `dvc exp run -S` changes keys that params.yaml has; a key it lacks takes Hydra's `+`.
-        add = "" if target in file_keys else "+"
-        assignments.append(f"-S {shlex.quote(f'{add}{target}={text}')}")
-    return " ".join(["dvc exp run", *assignments])
+        kept.append(f"{'' if key in present else '+'}{key}={text}")
+    return " ".join(["dvc exp run", *(f"-S {shlex.quote(a)}" for a in kept)])
 
 
-def sweep(file_raw: dict, explicit: dict | None = None, source: str = "params.yaml") -> dict:
-    """Run the sweep of params.yaml's mapping `file_raw` with the command line's `explicit`
-    overrides (`-S`) over it."""
-    explicit = explicit or {}
-    raw = compose(file_raw, explicit, source)
-    params = parse_params(raw, source)
+def sweep(params_path: Path = DEFAULT_PARAMS, assignments: list[str] = ()) -> dict:
+    """Run the sweep of the params that `params_path` and the `-S` `assignments` resolve to."""
+    raw = resolve(params_path, assignments)
+    params = parse_params(raw, str(params_path))
     validate_space(raw, params)
     settings = params.tune
     check_run_services(params)
@@ -373,8 +361,7 @@ def sweep(file_raw: dict, explicit: dict | None = None, source: str = "params.ya
     evaluation = evaluate_model(best_params, model_path, best_run_id, reports)
     registration = register_model(best_params, model_path, best_run_id, evaluation["test_accuracy"])
 
-    overlay = deep_merge(explicit, sweep_layer(settings, best_sampled))
-    (reports / "best_params.yaml").write_text(yaml.safe_dump(overlay, sort_keys=False))
+    (reports / "best_params.yaml").write_text(yaml.safe_dump(best_params.model_dump(), sort_keys=False))
     summary = {"best_trial": best_id, METRIC: best.metrics[METRIC], "test_accuracy":
                evaluation["test_accuracy"], "trials": len(rows), "stopped_early": sum(r["stopped_early"] for r in rows),
                "trial_epochs": sum(r["epochs"] for r in rows),
@@ -393,7 +380,7 @@ def sweep(file_raw: dict, explicit: dict | None = None, source: str = "params.ya
             client.set_tag(run_id, "stopped_early", str(row["stopped_early"]).lower())
     print(f"best trial {summary['best_trial']}: {METRIC} {best.metrics[METRIC]:.4f}, test accuracy "
           f"{evaluation['test_accuracy']:.4f}; reproduce through the pipeline with:\n  "
-          f"{reproduce_command(file_raw, overlay)}")
+          f"{reproduce_command(raw, list(assignments), sweep_layer(settings, best_sampled))}")
     return summary
 
 
@@ -410,11 +397,7 @@ def main(argv: list[str] | None = None) -> None:
     change_to_root(args.root)
     quiet_libraries()
     try:
-        file_raw = load_raw(args.params)
-        explicit = parse_assignments(args.set)
-        for line in profile_changes(file_raw, explicit):
-            print(line, flush=True)
-        sweep(file_raw, explicit, str(args.params))
+        sweep(args.params, args.set)
     except (ConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(1) from None

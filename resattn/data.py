@@ -84,6 +84,10 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+def write_text(path: Path, text: str) -> None:
+    _atomic_write(Path(path), lambda f: f.write(text.encode()))
+
+
 def write_json(path: Path, content) -> None:
     _atomic_write(Path(path), lambda f: f.write((json.dumps(content, indent=2) + "\n").encode()))
 

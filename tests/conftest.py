@@ -108,26 +108,29 @@ def run(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.Complete
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    """A fresh git + DVC repository holding the project and a small CIFAR-format dataset."""
+    """A fresh git + DVC repository holding the project and a small CIFAR-format dataset (set in
+    its conf/config.yaml, composed into params.yaml)."""
     repo = tmp_path_factory.mktemp("project")
-    for name in ("dvc.yaml", "params.yaml", ".gitignore"):
+    for name in ("dvc.yaml", ".gitignore"):
         shutil.copy(ROOT / name, repo / name)
-    for package in ("pipeline", "resattn"):
-        shutil.copytree(ROOT / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))
+    for folder in ("pipeline", "resattn", "conf"):
+        shutil.copytree(ROOT / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
     source = repo.parent / f"{repo.name}-data" / "cifar-10-batches-py"
     checksums = write_cifar_format(source, synthetic_split(300, 0), synthetic_split(100, 1))
     md5_list = source.parent / "small.md5"
     md5_list.write_text("".join(f"{digest}  {name}\n" for name, digest in checksums.items()))
 
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["data"] |= {"source": str(source), "checksums": str(md5_list), "validation_size": 60}
-    params["model"] = {"preset": "attention56_tiny", "overrides": {}}
-    params["train"] |= {"epochs": 2, "batch_size": 32, "label_smoothing": 0.0, "eval_batch_size": 100}
-    params["train"]["schedule"] = {"name": "onecycle", "warmup_epochs": 0.5}
-    params["evaluate"] |= {"mask_images": 3, "batch_size": 50}
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    config = yaml.safe_load((repo / "conf/config.yaml").read_text())
+    config["data"] |= {"source": str(source), "checksums": str(md5_list), "validation_size": 60}
+    config["model"] = {"preset": "attention56_tiny", "overrides": {}}
+    config["train"] |= {"epochs": 2, "batch_size": 32, "label_smoothing": 0.0, "eval_batch_size": 100}
+    config["train"]["schedule"] = {"name": "onecycle", "warmup_epochs": 0.5}
+    config["evaluate"] |= {"mask_images": 3, "batch_size": 50}
+    (repo / "conf/config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     run(["git", "init", "-q"], repo)
     run(["dvc", "init", "-q"], repo)
+    shutil.copy(ROOT / ".dvc/config", repo / ".dvc/config")  # Hydra composition, as the project has it
+    run([sys.executable, "-m", "pipeline.config", "--write"], repo)
     run(["git", "add", "-A"], repo)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "project"], repo)
     return repo

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,11 +10,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, compose, load_params, parse_params, profile_changes
+from pipeline.config import ConfigError, compose, load_params, parse_params, render
 from pipeline.train import check_resources
 from pipeline.tune import trial_raw
+from conftest import run
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+PROFILES = sorted(path.stem for path in (PARAMS.parent / "conf" / "profile").glob("*.yaml"))
 
 
 def base() -> dict:
@@ -21,10 +24,27 @@ def base() -> dict:
 
 
 def test_the_shipped_params_and_every_profile_validate():
-    for profile in base()["profiles"]:
-        params = load_params(PARAMS, overrides={"profile": profile})
-        assert params.profile == profile
-    assert load_params(PARAMS, overrides={"profile": "paper"}).model.preset == "attention92"
+    assert PROFILES == ["fast", "paper", "quick-cpu", "seed-report"]
+    for profile in PROFILES:
+        assert load_params(PARAMS, [f"profile={profile}"]).profile == profile
+    assert load_params(PARAMS, ["profile=paper"]).model.preset == "attention92"
+    assert load_params(PARAMS).profile == "quick-cpu"
+
+
+def test_params_yaml_is_what_dvc_composes_from_conf():
+    """`dvc repro` runs what `dvc exp run` would compose: DVC's own Hydra composition, byte for
+    byte, with Hydra enabled in the committed DVC config."""
+    from dvc.utils.hydra import compose_and_dump
+
+    composed = PARAMS.parent / ".pytest-composed-params.yaml"
+    try:
+        compose_and_dump(composed, str(PARAMS.parent / "conf"), None, "config", str(PARAMS.parent), [])
+        assert PARAMS.read_text() == composed.read_text() == render(compose(params_path=PARAMS))
+    finally:
+        composed.unlink(missing_ok=True)
+    enabled = subprocess.run(["dvc", "config", "hydra.enabled"], cwd=PARAMS.parent, capture_output=True, text=True,
+                             env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
+    assert enabled.stdout.strip() == "true", enabled.stderr
 
 
 @pytest.mark.parametrize(
@@ -38,7 +58,6 @@ def test_the_shipped_params_and_every_profile_validate():
         ({"train": {"lerning_rate": 0.1}}, "train.lerning_rate: unknown key (a typo?)"),
         ({"train": {"batch_size": 127}}, "batch_size 127 does not split evenly over num_workers 2"),
         ({"data": {"source": ""}}, "data.source: String should have at least 1 character"),
-        ({"profile": "papper"}, "profile: unknown profile 'papper'; defined: quick-cpu, fast, paper, seed-report"),
     ],
 )
 def test_bad_params_fail_with_one_message_naming_the_key(change, expected):
@@ -80,24 +99,30 @@ def test_every_section_has_valid_defaults():
 
 
 # --------------------------------------------------------------------------------------------
-# One order of precedence: built-in defaults < params.yaml < profile < -S < a sweep's values
+# One order of precedence: built-in defaults < conf/config.yaml < profile < -S < a sweep's values
 
 
-def test_explicit_overrides_beat_the_profile_and_the_profile_beats_the_file():
-    assert load_params(PARAMS, {"profile": "fast"}).train.epochs == 24
-    assert load_params(PARAMS, {"profile": "fast", "train": {"epochs": 30}}).train.epochs == 30
-    raw = base() | {"profile": "fast"}
-    raw["train"]["epochs"] = 7  # as `dvc exp run -S train.epochs=7` writes it: the file's layer
-    assert parse_params(compose(raw)).train.epochs == 24
-    assert profile_changes(raw) == ["profile 'fast' sets train.epochs: 7 -> 24"]
-    # The profile's own entry is where a file edit beats it.
-    raw["profiles"]["fast"]["train"]["epochs"] = 30
-    assert parse_params(compose(raw)).train.epochs == 30
+def test_explicit_overrides_beat_the_profile_and_the_profile_beats_conf():
+    assert base()["train"]["epochs"] == 5
+    assert load_params(PARAMS, ["profile=fast"]).train.epochs == 24
+    assert load_params(PARAMS, ["profile=fast", "train.epochs=30"]).train.epochs == 30
+    assert load_params(PARAMS, ["train.epochs=30", "profile=fast"]).train.epochs == 30  # in any order
+    assert load_params(PARAMS, ["profile=paper", "train.optimizer.lr=0.05"]).train.optimizer.lr == 0.05
     assert parse_params({}).train.epochs == 10  # built-in defaults fill what nothing sets
 
 
+def test_a_profile_or_key_that_does_not_exist_fails_with_what_exists():
+    with pytest.raises(ConfigError) as error:
+        load_params(PARAMS, ["profile=papper"])
+    assert "Could not find 'profile/papper'" in str(error.value)
+    assert all(name in str(error.value) for name in PROFILES)
+    with pytest.raises(ConfigError, match=r"Could not override 'train.epochz'.\nTo append to your config use "
+                                          r"\+train.epochz=3"):
+        load_params(PARAMS, ["train.epochz=3"])
+
+
 def test_a_sweep_trial_keeps_its_sampled_values_and_budget_under_any_profile():
-    raw = compose(base(), {"profile": "paper"})
+    raw = compose(["profile=paper"], PARAMS)
     settings = parse_params(raw).tune
     trial = parse_params(trial_raw(raw, {"train.optimizer.lr": 0.05, "train.schedule.name": "cosine"}, settings))
     assert trial.model.preset == "attention92"  # the profile still applies beneath
@@ -115,12 +140,23 @@ def test_pipeline_config_prints_what_would_run():
     resolved = yaml.safe_load(result.stdout)
     assert resolved["profile"] == "fast" and resolved["train"]["epochs"] == 30
     assert resolved["train"]["optimizer"]["lr"] == base()["train"]["optimizer"]["lr"]
-    plain = config_cli("-S", "profile=fast")
-    assert "# profile 'fast' sets train.epochs: 5 -> 24" in plain.stdout
-    assert yaml.safe_load(plain.stdout)["train"]["epochs"] == 24
+    assert yaml.safe_load(config_cli("-S", "profile=fast").stdout)["train"]["epochs"] == 24
+    assert config_cli().stdout == PARAMS.read_text()  # without -S: params.yaml, what `dvc repro` runs
 
 
-@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+def test_dvc_exp_run_set_param_beats_the_profile(project):
+    """`dvc exp run -S profile=fast -S train.epochs=3` composes params.yaml with 3 epochs (the
+    fast profile sets 24): run as a user runs it, for the fetch stage only."""
+    try:
+        run(["dvc", "exp", "run", "-S", "profile=fast", "-S", "train.epochs=3", "fetch"], project)
+        composed = yaml.safe_load((project / "params.yaml").read_text())
+        assert (composed["profile"], composed["train"]["epochs"]) == ("fast", 3)
+        assert composed["model"]["preset"] == "attention56_tiny"  # the project's conf/ beneath
+    finally:
+        run(["git", "checkout", "params.yaml"], project)
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
 def test_non_finite_numbers_are_refused_with_one_message(value):
     result = config_cli("-S", f"train.optimizer.lr={value}")
     assert result.returncode == 1 and result.stdout == ""

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, free_port
-from pipeline.config import ConfigError, load_params, parse_assignments, parse_params
+from pipeline.config import ConfigError, load_params, parse_params, resolve
 from pipeline.remote import check_run_services, check_s3_location, check_tracking_server, redact
 
 sys.path.insert(0, str(ROOT / "infra"))
@@ -168,12 +168,16 @@ def test_the_train_stage_stops_before_ray_on_a_missing_bucket(s3_server, tmp_pat
     assert result.stdout == "" and time.monotonic() - started < 60
 
 
-def test_overrides_read_like_dvc_exp_run_set():
-    assert parse_assignments(["train.epochs=3", "ray.address=auto", "train.use_gpu=true"]) == {
-        "train": {"epochs": 3, "use_gpu": True}, "ray": {"address": "auto"}}
+def test_overrides_read_like_dvc_exp_run_set(tmp_path):
+    own = tmp_path / "own.yaml"  # a file other than params.yaml takes -S on its own values, as in DVC
+    own.write_text(yaml.safe_dump({"train": {"epochs": 1}, "ray": {"address": None}}))
+    assert resolve(own, ["train.epochs=3", "ray.address=auto", "+train.use_gpu=true",
+                         "+mlflow.tracking_uri=http://127.0.0.1:5000"]) == {
+        "train": {"epochs": 3, "use_gpu": True}, "ray": {"address": "auto"},
+        "mlflow": {"tracking_uri": "http://127.0.0.1:5000"}}
     for bad in ("train.epochs", "=3", "train..epochs=3"):
         with pytest.raises(ConfigError, match="is not KEY=VALUE"):
-            parse_assignments([bad])
+            resolve(own, [bad])
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,8 +238,7 @@ def test_the_rayjob_runs_existing_entry_points_with_valid_params():
         assert (ROOT / (module.replace(".", "/") + ".py")).is_file()
     tune = next(c for c in commands if c[:2] == ["python", "pipeline/tune.py"])
     assert (ROOT / tune[1]).is_file()
-    overrides = parse_assignments([value for flag, value in zip(tune[2::2], tune[3::2]) if flag == "-S"])
-    params = load_params(ROOT / "params.yaml", overrides)
+    params = load_params(ROOT / "params.yaml", [value for flag, value in zip(tune[2::2], tune[3::2]) if flag == "-S"])
     assert params.train.use_gpu and params.ray.storage_path.startswith("s3://")
     assert params.mlflow.tracking_uri == "http://mlflow.resattn.svc:5000"
     source = yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]["RESATTN_CIFAR10_SOURCE"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -22,8 +23,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import free_port, kill_session, session_processes, synthetic_split
-from pipeline.config import ConfigError, parse_params
-from pipeline.tune import reproduce_command, validate_space
+from pipeline.config import ConfigError, compose, parse_params
+from pipeline.tune import reproduce_command, sweep_layer, trial_raw, validate_space
 from resattn.cifar10 import write_cifar_format
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -330,13 +331,18 @@ def test_an_interrupted_sweep_restores_from_its_s3_path(sweep_project, local_sta
         assert len(steps) == len(set(steps)), (child.data.tags["trial_id"], steps)
 
 
-def test_the_reproduce_line_writes_where_dvc_exp_run_makes_each_value_win():
-    raw = shipped()
-    overlay = {"model": {"overrides": {"r": 2}}, "train": {"epochs": 3, "num_workers": 1, "optimizer": {"lr": 0.05}},
-               "tune": {"num_samples": 2}}
-    assert reproduce_command(raw, overlay) == ("dvc exp run -S +model.overrides.r=2 -S train.epochs=3 "
-                                               "-S train.num_workers=1 -S train.optimizer.lr=0.05")
-    raw["profile"] = "paper"  # sets epochs, num_workers and lr itself: the values go into its entry
-    assert reproduce_command(raw, overlay) == (
-        "dvc exp run -S +model.overrides.r=2 -S profiles.paper.train.epochs=3 -S profiles.paper.train.num_workers=1 "
-        "-S profiles.paper.train.optimizer.lr=0.05")
+@pytest.mark.parametrize("sweep_assignments", [[], ["profile=paper", "+model.overrides.p=2", "tune.num_samples=2"]])
+def test_the_reproduce_line_composes_the_trial_params_under_any_profile(sweep_assignments):
+    resolved = compose(sweep_assignments, ROOT / "params.yaml")
+    settings = parse_params(resolved).tune
+    sampled = {"model.overrides.r": 2, "train.optimizer.lr": 0.05}
+    line = reproduce_command(resolved, sweep_assignments, sweep_layer(settings, sampled))
+    assert line.startswith("dvc exp run -S ") and "tune." not in line
+    if not sweep_assignments:
+        assert line == ("dvc exp run -S train.epochs=3 -S train.num_workers=1 -S train.optimizer.lr=0.05 "
+                        "-S +model.overrides.r=2")
+    # What `dvc exp run` composes from the line is the trial's params, sweep settings aside.
+    reproduced = compose(shlex.split(line)[4::2], ROOT / "params.yaml")
+    trial = trial_raw(resolved, sampled, settings)
+    assert {**reproduced, "tune": None} == {**trial, "tune": None}
+    assert trial["train"]["epochs"] == settings.max_epochs and trial["train"]["optimizer"]["lr"] == 0.05
