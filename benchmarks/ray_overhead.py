@@ -32,10 +32,11 @@ import ray.train.torch
 import torch
 
 from pipeline.config import load_params
-from pipeline.train import LOCAL_RAY_ENV, start_ray
+from pipeline.checkpoints import report_state
+from pipeline.cluster import LOCAL_RAY_ENV, start_ray
 from resattn import cifar10, create_model
 from resattn.data import Normalization, channel_stats, to_tensor_nchw
-from resattn.training import build_optimizer, build_scheduler, train_epoch, unwrap
+from resattn.training import build_optimizer, build_scheduler, train_epoch, training_state
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "cifar-10-batches-py"
@@ -61,14 +62,8 @@ def timed_epochs(config: dict, data: tuple, in_ray: bool) -> list[tuple[float, f
                     seed=0, epoch=epoch, rank=rank, world_size=world_size, channels_last=True,
                     autocast_dtype=torch.bfloat16)
         if in_ray:
-            metrics = {"epoch": epoch + 1}
-            if rank == 0:
-                with tempfile.TemporaryDirectory() as directory:
-                    torch.save({"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                                "scheduler": scheduler.state_dict()}, Path(directory) / "state.pt")
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
-            else:
-                ray.train.report(metrics)
+            report_state({"epoch": epoch + 1},
+                         training_state(model, optimizer, scheduler, epoch, []) if rank == 0 else None)
         epochs.append((time.perf_counter() - started, time.process_time() - cpu_started))
     return epochs
 

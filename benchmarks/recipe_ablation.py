@@ -24,9 +24,10 @@ from pathlib import Path
 import torch
 
 from pipeline.config import Params, load_params
+from pipeline.worker import optimizer_and_scheduler
 from resattn import cifar10, create_model
 from resattn.data import Normalization, channel_stats, stratified_split, to_tensor_nchw
-from resattn.training import build_optimizer, build_scheduler, evaluate, train_epoch
+from resattn.training import evaluate, train_epoch
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "cifar-10-batches-py"
@@ -56,14 +57,8 @@ def train_variant(assignments: list[str], epochs: int, data: dict) -> tuple[list
     model = create_model(params.model.preset, **params.model.build_kwargs())
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    opt = cfg.optimizer
-    optimizer = build_optimizer(model, opt.name, opt.lr, momentum=opt.momentum, nesterov=opt.nesterov,
-                                weight_decay=opt.weight_decay, decay_norm_and_bias=opt.decay_norm_and_bias)
     images, labels = data["train"]
-    steps = len(labels) // cfg.batch_size
-    scheduler = build_scheduler(optimizer, total_steps=steps * epochs, schedule=cfg.schedule.name,
-                                warmup_steps=round(cfg.schedule.warmup_epochs * steps),
-                                milestones=[round(m * steps) for m in cfg.schedule.milestones], gamma=cfg.schedule.gamma)
+    optimizer, scheduler = optimizer_and_scheduler(model, cfg, steps_per_epoch=len(labels) // cfg.batch_size)
     curve, seconds = [], 0.0
     for epoch in range(epochs):
         result = train_epoch(model, optimizer, scheduler, images, labels, data["norm"], batch_size=cfg.batch_size,

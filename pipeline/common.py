@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 from collections.abc import Callable
@@ -11,6 +12,22 @@ from pathlib import Path
 from pipeline.config import DEFAULT_PARAMS, ConfigError, Params, load_params
 from pipeline.ray_hooks import quiet_libraries
 from resattn.cifar10 import DataError
+from resattn.data import write_bytes
+
+
+# What the train stage hands to evaluate and register.
+MODEL_FILE = Path("models/model.pt")
+RUN_FILE = Path("models/mlflow_run.json")
+
+
+def save_figure(figure, path: Path, dpi: int) -> None:
+    """A matplotlib figure as a PNG, written atomically, then closed."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    plt.close(figure)
+    write_bytes(path, buffer.getvalue())
 
 
 class StageError(RuntimeError):

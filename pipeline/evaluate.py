@@ -7,7 +7,6 @@ what each attention module looks at), and logs all of it to the training run in 
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -18,13 +17,14 @@ import matplotlib.pyplot as plt
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline.common import run_stage
+from pipeline.common import MODEL_FILE, RUN_FILE, StageError, run_stage, save_figure
 from pipeline.config import Params
 from pipeline.remote import check_tracking_server
-from pipeline.train import MODEL_FILE, RUN_FILE, resolve_tracking_uri
+from pipeline.tracking import resolve_tracking_uri
 from resattn.cifar10 import CLASSES
-from resattn.data import Normalization, load_split, normalize, to_tensor_nchw, write_json
-from resattn.model import ResidualAttentionNet, create_model
+from resattn.data import Normalization, load_split, normalize, to_tensor_nchw, write_csv, write_json
+from resattn.model import ResidualAttentionNet
+from resattn.model_file import load_model
 from resattn.training import confusion_matrix, evaluate
 
 REPORTS = Path("reports")
@@ -35,10 +35,11 @@ MASKS_PNG = REPORTS / "attention_masks.png"
 
 
 def load_trained_model(path: Path) -> ResidualAttentionNet:
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    model = create_model(saved["preset"], **saved["overrides"])
-    model.load_state_dict(saved["model"])
-    return model.eval()
+    """The model file's network; a missing or unreadable file fails the stage with one line."""
+    try:
+        return load_model(path)
+    except ValueError as error:
+        raise StageError(str(error)) from None
 
 
 def plot_confusion(counts: torch.Tensor, path: Path) -> None:
@@ -55,8 +56,7 @@ def plot_confusion(counts: torch.Tensor, path: Path) -> None:
     ax.set_ylabel("actual")
     ax.set_title("CIFAR-10 test confusion (counts; colour: share of the actual class)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def plot_attention_masks(model: ResidualAttentionNet, images: torch.Tensor, labels: torch.Tensor,
@@ -76,8 +76,7 @@ def plot_attention_masks(model: ResidualAttentionNet, images: torch.Tensor, labe
         ax.axis("off")
     fig.suptitle("soft attention masks M(x), mean over channels (each panel on its own scale; bright = high)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def evaluate_model(params: Params, model_path: Path, run_id: str, reports: Path) -> dict:
@@ -96,10 +95,8 @@ def evaluate_model(params: Params, model_path: Path, run_id: str, reports: Path)
                "test_accuracy_single_view": result.single_view_accuracy, "per_class_accuracy": per_class}
     reports.mkdir(parents=True, exist_ok=True)
     write_json(reports / METRICS_FILE.name, metrics)
-    with open(reports / CONFUSION_CSV.name, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["actual", "predicted"])
-        writer.writerows((CLASSES[a], CLASSES[p]) for a, p in zip(labels.tolist(), result.predictions.tolist()))
+    write_csv(reports / CONFUSION_CSV.name, [{"actual": CLASSES[a], "predicted": CLASSES[p]}
+                                             for a, p in zip(labels.tolist(), result.predictions.tolist())])
     plot_confusion(counts, reports / CONFUSION_PNG.name)
     # The first test image of each class, in class order, up to mask_images.
     firsts = [int((labels == c).nonzero()[0]) for c in range(len(CLASSES)) if (labels == c).any()]

@@ -14,7 +14,7 @@ import mlflow.pytorch
 import torch
 
 from pipeline.config import ConfigError, load_params
-from pipeline.train import resolve_tracking_uri
+from pipeline.tracking import resolve_tracking_uri
 from resattn.cifar10 import CLASSES
 from resattn.inference import load_images
 

@@ -2,7 +2,7 @@
 
 Kept free of torch and of the pipeline's other modules on purpose: a hook runs before Ray tells
 the worker how many CPUs it holds, and a library loaded here would fix its thread count to
-the machine's cores (pipeline.train.use_reserved_cpus undoes that in the training thread).
+the machine's cores (pipeline.worker.use_reserved_cpus undoes that in the training thread).
 """
 
 from __future__ import annotations

@@ -20,11 +20,11 @@ from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
 import resattn
-from pipeline.common import run_stage
+from pipeline.common import MODEL_FILE, RUN_FILE, run_stage
 from pipeline.config import Params
 from pipeline.remote import check_tracking_server
 from pipeline.evaluate import METRICS_FILE as EVAL_FILE, load_trained_model
-from pipeline.train import MODEL_FILE, RUN_FILE, resolve_tracking_uri
+from pipeline.tracking import resolve_tracking_uri
 from resattn.data import Normalization, load_split, to_tensor_nchw, write_json
 from resattn.inference import NormalizedClassifier
 

@@ -21,7 +21,7 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
-from resattn.cifar10 import CLASSES, Split
+from resattn.cifar10 import CLASSES, DataError, Split
 
 SPLITS = ("train", "val", "test")
 STATS_FILE = "stats.json"
@@ -84,8 +84,12 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+def write_bytes(path: Path, content: bytes) -> None:
+    _atomic_write(Path(path), lambda f: f.write(content))
+
+
 def write_text(path: Path, text: str) -> None:
-    _atomic_write(Path(path), lambda f: f.write(text.encode()))
+    write_bytes(path, text.encode())
 
 
 def write_json(path: Path, content) -> None:
@@ -127,6 +131,23 @@ class Normalization:
 
 # --------------------------------------------------------------------------------------------
 # Batches on tensors
+
+
+def load_prepared(prepared_dir: Path) -> tuple[tuple[Split, Split, Normalization], str]:
+    """(train split, validation split, normalisation) as training uses them, and the SHA-256 of
+    the files they came from (what names the data a model was trained on). Each file is read
+    once: hashed and decoded from the same bytes. The test split is not read."""
+    prepared_dir = Path(prepared_dir)
+    if not (prepared_dir / "train.npz").is_file():
+        raise DataError(f"{prepared_dir} has no train.npz; run the preprocess stage first (dvc repro preprocess)")
+    digest = hashlib.sha256()
+    contents = {}
+    for name in ("train.npz", "val.npz", STATS_FILE):
+        contents[name] = (prepared_dir / name).read_bytes()
+        digest.update(contents[name])
+    data = (load_split(io.BytesIO(contents["train.npz"])), load_split(io.BytesIO(contents["val.npz"])),
+            Normalization.from_json(contents[STATS_FILE]))
+    return data, digest.hexdigest()
 
 
 def to_tensor_nchw(images: np.ndarray) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""The training step, evaluation and checkpoint state: plain torch, used by every runner.
+"""The training step, evaluation and the training state a checkpoint holds: plain torch, used
+by every runner.
 
 Runners (the Ray Train worker loop, benchmarks, tests) own the process group and the logging;
 this module owns what one epoch means. Metrics are summed across workers when a process group
@@ -254,3 +255,28 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                   epoch: int, history: list[dict]) -> dict:
+    """Everything that resumes training after `epoch` (0-based) exactly: weights, optimizer and
+    schedule state, the RNG, and the per-epoch metrics so far. Tensors and plain values only,
+    so it loads with `weights_only`."""
+    return {
+        "model": unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "epoch": epoch,
+        "history": history,
+    }
+
+
+def restore_training_state(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer,
+                           scheduler: torch.optim.lr_scheduler.LRScheduler) -> tuple[int, list[dict]]:
+    """Load a `training_state` into the objects; returns (the epoch to start at, the history)."""
+    unwrap(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"].cpu())
+    return state["epoch"] + 1, state["history"]

@@ -11,16 +11,12 @@ import pytest
 import yaml
 
 from pipeline.config import ConfigError, compose, load_params, parse_params, render
-from pipeline.train import check_resources
-from pipeline.tune import trial_raw
-from conftest import run
+from pipeline.cluster import check_resources
+from pipeline.search import trial_raw
+from helpers import ROOT, run, shipped_params
 
-PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+PARAMS = ROOT / "params.yaml"
 PROFILES = sorted(path.stem for path in (PARAMS.parent / "conf" / "profile").glob("*.yaml"))
-
-
-def base() -> dict:
-    return yaml.safe_load(PARAMS.read_text())
 
 
 def test_the_shipped_params_and_every_profile_validate():
@@ -61,7 +57,7 @@ def test_params_yaml_is_what_dvc_composes_from_conf():
     ],
 )
 def test_bad_params_fail_with_one_message_naming_the_key(change, expected):
-    raw = base()
+    raw = shipped_params()
     for section, value in change.items():
         if isinstance(value, dict):
             for key, inner in value.items():
@@ -77,12 +73,12 @@ def test_bad_params_fail_with_one_message_naming_the_key(change, expected):
 
 
 def test_requests_this_machine_cannot_meet_fail_before_ray_starts():
-    raw = base()
+    raw = shipped_params()
     raw["train"]["num_workers"] = 64
     raw["train"]["batch_size"] = 128
     with pytest.raises(ConfigError, match="train.num_workers 64 exceeds the .* CPU"):
         check_resources(parse_params(raw))
-    raw = base()
+    raw = shipped_params()
     raw["train"]["use_gpu"] = True
     with pytest.raises(ConfigError, match="train.use_gpu is true but no CUDA GPU is visible"):
         check_resources(parse_params(raw))
@@ -103,7 +99,7 @@ def test_every_section_has_valid_defaults():
 
 
 def test_explicit_overrides_beat_the_profile_and_the_profile_beats_conf():
-    assert base()["train"]["epochs"] == 5
+    assert shipped_params()["train"]["epochs"] == 5
     assert load_params(PARAMS, ["profile=fast"]).train.epochs == 24
     assert load_params(PARAMS, ["profile=fast", "train.epochs=30"]).train.epochs == 30
     assert load_params(PARAMS, ["train.epochs=30", "profile=fast"]).train.epochs == 30  # in any order
@@ -139,7 +135,7 @@ def test_pipeline_config_prints_what_would_run():
     assert result.returncode == 0, result.stderr
     resolved = yaml.safe_load(result.stdout)
     assert resolved["profile"] == "fast" and resolved["train"]["epochs"] == 30
-    assert resolved["train"]["optimizer"]["lr"] == base()["train"]["optimizer"]["lr"]
+    assert resolved["train"]["optimizer"]["lr"] == shipped_params()["train"]["optimizer"]["lr"]
     assert yaml.safe_load(config_cli("-S", "profile=fast").stdout)["train"]["epochs"] == 24
     assert config_cli().stdout == PARAMS.read_text()  # without -S: params.yaml, what `dvc repro` runs
 

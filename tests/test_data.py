@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REAL_CIFAR10, synthetic_split
+from helpers import REAL_CIFAR10, synthetic_split
 from pipeline.config import parse_params
 from pipeline.fetch import fetch as fetch_stage
 from pipeline.preprocess import preprocess
@@ -22,6 +22,7 @@ from resattn.cifar10 import DataError, fetch, load, read_md5_list
 from resattn.data import (
     Normalization,
     epoch_batches,
+    load_prepared,
     load_split,
     normalize,
     random_crop_flip,
@@ -138,8 +139,6 @@ def test_real_cifar10_through_the_fetch_and_preprocess_stages(tmp_path, monkeypa
 
 
 def test_training_reads_prepared_data_once_and_names_runs_by_its_bytes(tmp_path, monkeypatch):
-    from pipeline import train as train_stage
-
     prepared = tmp_path / "prepared"
     splits = {"train": synthetic_split(40, 0), "val": synthetic_split(10, 1)}
     for name, split in splits.items():
@@ -149,7 +148,7 @@ def test_training_reads_prepared_data_once_and_names_runs_by_its_bytes(tmp_path,
     read_bytes = Path.read_bytes
     monkeypatch.setattr(Path, "read_bytes", lambda self: reads.append(self.name) or read_bytes(self))
 
-    (train, val, norm), digest = train_stage.load_prepared(prepared)
+    (train, val, norm), digest = load_prepared(prepared)
 
     assert sorted(reads) == ["stats.json", "train.npz", "val.npz"]
     np.testing.assert_array_equal(train.images, splits["train"].images)

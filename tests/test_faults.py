@@ -20,7 +20,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import (
+from helpers import (
     BIN,
     free_port,
     kill_session,
@@ -29,8 +29,8 @@ from conftest import (
     run,
     session_processes,
     stage_env,
+    wait_for,
 )
-from local_stack import wait_for
 from resattn.data import write_json
 
 pytestmark = pytest.mark.slow

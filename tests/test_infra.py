@@ -18,15 +18,11 @@ import boto3
 import pytest
 import yaml
 
-from conftest import ROOT, free_port
+from helpers import BIN, ROOT, free_port, infra_module, wait_for
 from pipeline.config import ConfigError, load_params, parse_params, resolve
 from pipeline.remote import check_run_services, check_s3_location, check_tracking_server, redact
 
-sys.path.insert(0, str(ROOT / "infra"))
-import bootstrap  # noqa: E402
-from local_stack import wait_for  # noqa: E402
-
-BIN = Path(sys.executable).parent
+bootstrap = infra_module("bootstrap")
 FAKE_SECRET = "fake-secret-that-must-never-be-printed"
 
 

@@ -10,6 +10,7 @@ from torch import nn
 
 from resattn import PRESETS, create_model, list_presets, model_config
 from resattn.model import AttentionModule, ResidualUnit, SoftMaskBranch
+from resattn.model_file import load_model, save_model
 from resattn.data import Normalization
 from resattn.training import evaluate
 from resattn.summary import count_parameters, main as summary_main
@@ -306,3 +307,51 @@ def test_summary_prints_a_row_per_preset(capsys):
     out = capsys.readouterr().out
     assert "| `attention92` | 92 | 1,2,1 | 2/2/2 | 16/64/128/256 | 1.96M | 212 | 1.9M | 4.99% |" in out
     assert "`attention56_tiny`" in out
+
+
+# --------------------------------------------------------------------------------------------
+# The trained-model file
+
+
+def test_a_model_file_rebuilds_its_network_from_the_stored_config_not_the_preset(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = create_model("attention56_tiny", r=2, modules_per_stage=(1, 0, 1)).eval()
+    path = tmp_path / "model.pt"
+    save_model(path, model.state_dict(), model.config, preset="attention56_tiny")
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temporary file left
+    # Editing (or removing) the preset later changes nothing for files already saved.
+    monkeypatch.setitem(PRESETS, "attention56_tiny", PRESETS["attention92"])
+    loaded = load_model(path)
+    assert loaded.config == model.config and not loaded.training
+    with torch.no_grad():
+        assert torch.equal(loaded(images(2)), model(images(2)))
+
+
+def test_a_model_file_from_before_the_format_loads(tmp_path):
+    """Files written before resattn.model_file stored `preset` and `overrides` beside the same
+    config fields; they load from that config."""
+    model = create_model("attention56_tiny", p=0).eval()
+    path = tmp_path / "old.pt"
+    torch.save({"model": model.state_dict(), "preset": "attention56_tiny", "overrides": {"p": 0},
+                "config": dict(model.config.__dict__)}, path)
+    assert load_model(path).config == model.config
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ({"model": {}, "epoch": 3}, "is not a resattn model file (no weights and config)"),
+        ({"model": {}, "config": {"p": 1, "heads": 4}}, "was saved by a newer resattn (config fields ['heads']"),
+        (b"not a torch file", "is not a readable model file (UnpicklingError"),
+        (None, "no such model file; run the train stage first"),
+    ],
+)
+def test_what_is_not_a_model_file_fails_with_one_message_naming_it(tmp_path, content, expected):
+    path = tmp_path / "model.pt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        torch.save(content, path)
+    with pytest.raises(ValueError) as error:
+        load_model(path)
+    assert str(error.value).startswith(str(path)) and expected in str(error.value)

@@ -18,7 +18,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from conftest import kill_session, recorded_epoch, run, stage_env, synthetic_split
+from helpers import kill_session, recorded_epoch, run, stage_env, synthetic_split
 
 pytestmark = pytest.mark.slow
 
@@ -53,8 +53,9 @@ def test_dvc_repro_runs_every_stage_registers_a_model_and_then_is_a_no_op(projec
     mlflow_run = client.get_run(run_id)
     assert mlflow_run.data.params["train.optimizer.name"] == "sgd"
     assert mlflow_run.data.params["model.preset"] == "attention56_tiny"
-    assert {"git_commit", "data_hash", "seed"} <= set(mlflow_run.data.tags)
-    assert mlflow_run.data.tags["data_hash"] != "unknown" or not (project / "dvc.lock").exists()
+    assert {"mlflow.source.git.commit", "mlflow.source.name", "seed", "profile"} <= set(mlflow_run.data.tags)
+    (dataset,) = [d.dataset for d in mlflow_run.inputs.dataset_inputs]  # the Dataset column
+    assert dataset.name == "cifar10-prepared" and len(dataset.digest) == 32
     assert [m.step for m in client.get_metric_history(run_id, "val_accuracy")] == [1, 2]
     assert "test_accuracy" in mlflow_run.data.metrics
     assert any(key.startswith("system/") for key in mlflow_run.data.metrics)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, kill_session, run, stage_env
+from helpers import ROOT, kill_session, run, stage_env
 
 pytestmark = pytest.mark.slow
 

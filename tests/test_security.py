@@ -12,7 +12,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import run, stage_env
+from helpers import run, stage_env
 
 pytestmark = pytest.mark.slow
 ACCESS_KEY = "AKIAFAKEFAKEFAKEFAKE"

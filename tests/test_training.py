@@ -1,4 +1,5 @@
-"""The training step's guard against divergence, and the learning-rate schedules."""
+"""The training step's guard against divergence, the learning-rate schedules, weight decay
+groups, and resuming from a training state."""
 
 from __future__ import annotations
 
@@ -7,7 +8,16 @@ import torch
 
 from resattn import create_model
 from resattn.data import Normalization
-from resattn.training import NonFiniteLossError, build_optimizer, build_scheduler, lr_factor, train_epoch
+from resattn.training import (
+    NonFiniteLossError,
+    build_optimizer,
+    build_scheduler,
+    lr_factor,
+    parameter_groups,
+    restore_training_state,
+    train_epoch,
+    training_state,
+)
 
 NORM = Normalization((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 
@@ -48,3 +58,42 @@ def test_learning_rate_schedules(schedule, step, expected):
     warmup = 10 if schedule == "onecycle" else 0
     factor = lr_factor(step, 100, schedule, warmup_steps=warmup, milestones=[60, 90], gamma=0.1)
     assert factor == pytest.approx(expected)
+
+
+def test_weight_decay_spares_norm_and_bias_unless_asked():
+    model = create_model("attention56_tiny")
+    decay, no_decay = parameter_groups(model, 5e-4, decay_norm_and_bias=False)
+    assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    (everything,) = parameter_groups(model, 1e-4, decay_norm_and_bias=True)
+    assert len(everything["params"]) == len(list(model.parameters()))
+
+
+def _setup():
+    torch.manual_seed(0)
+    model = create_model("attention56_tiny")
+    optimizer = build_optimizer(model, "sgd", 0.05)
+    scheduler = build_scheduler(optimizer, total_steps=8, schedule="onecycle", warmup_steps=2)
+    return model, optimizer, scheduler
+
+
+def test_a_restored_training_state_continues_exactly_as_an_uninterrupted_run():
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.arange(64) % 10
+
+    def epoch(objects, number):
+        return train_epoch(*objects, images, labels, NORM, batch_size=16, seed=0, epoch=number)
+
+    straight = _setup()
+    epoch(straight, 0)
+    expected = epoch(straight, 1)
+
+    first = _setup()
+    epoch(first, 0)
+    state = training_state(*first, epoch=0, history=[{"epoch": 1}])
+    resumed = _setup()
+    assert restore_training_state(state, *resumed) == (1, [{"epoch": 1}])
+    assert epoch(resumed, 1).loss == expected.loss
+    for a, b in zip(straight[0].parameters(), resumed[0].parameters()):
+        assert torch.equal(a, b)

@@ -5,7 +5,6 @@ stack the sweep runs as a Ray job with its state in S3 and its models behind the
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import shutil
@@ -22,27 +21,20 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import free_port, kill_session, session_processes, synthetic_split
+from helpers import ROOT, free_port, kill_session, session_processes, shipped_params, stage_env, synthetic_split
 from pipeline.config import ConfigError, compose, parse_params
-from pipeline.tune import reproduce_command, sweep_layer, trial_raw, validate_space
+from pipeline.search import reproduce_command, sweep_layer, trial_raw, validate_space
 from resattn.cifar10 import write_cifar_format
-
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-def shipped() -> dict:
-    return yaml.safe_load((ROOT / "params.yaml").read_text())
 
 
 def check(space: dict) -> None:
-    raw = shipped()
+    raw = shipped_params()
     raw["tune"]["space"] = space
     validate_space(raw, parse_params(raw))
 
 
 def test_the_shipped_search_space_is_valid():
-    raw = shipped()
+    raw = shipped_params()
     validate_space(raw, parse_params(raw))
 
 
@@ -71,10 +63,6 @@ def test_bad_search_spaces_fail_before_any_trial(space, expected):
 # Real sweeps on a local Ray instance
 
 
-def stage_env() -> dict[str, str]:
-    return os.environ | {"PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONUNBUFFERED": "1"}
-
-
 @pytest.fixture(scope="module")
 def sweep_project(tmp_path_factory) -> Path:
     """A directory with prepared small CIFAR-format data and a tiny sweep's params, all paths
@@ -83,7 +71,7 @@ def sweep_project(tmp_path_factory) -> Path:
     source = root / "source" / "cifar-10-batches-py"
     checksums = write_cifar_format(source, synthetic_split(300, 0), synthetic_split(100, 1))
     (root / "small.md5").write_text("".join(f"{digest}  {name}\n" for name, digest in checksums.items()))
-    raw = shipped()
+    raw = shipped_params()
     raw["data"] |= {"source": str(source), "checksums": str(root / "small.md5"), "validation_size": 60,
                     "raw_dir": str(root / "data/raw"), "prepared_dir": str(root / "data/prepared")}
     raw["model"] = {"preset": "attention56_tiny", "overrides": {}}

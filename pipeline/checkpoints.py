@@ -1,0 +1,57 @@
+"""Ray Train checkpoints of the pipeline: one file of training state per checkpoint folder.
+
+Rank 0 writes `resattn.training.training_state` (or a divergence record) through
+`report_state`; the next run of the same Ray run resumes from `load_resumable_state`, and the
+driver reads the final state with `load_checkpoint_state`. The trainer keeps two checkpoints
+(pipeline/cluster.py), so a truncated newest one falls back to the one before it. Local or
+s3:// storage alike; loading never unpickles code (`weights_only`).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pyarrow.fs
+import ray.train
+import torch
+
+STATE_FILE = "state.pt"
+CHECKPOINTS_KEPT = 2
+
+
+def report_state(metrics: dict, state: dict | None) -> None:
+    """Report this worker's metrics for the epoch, with `state` as the checkpoint if given
+    (rank 0's; the other workers report metrics alone)."""
+    if state is None:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        torch.save(state, Path(directory) / STATE_FILE)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def load_checkpoint_state(checkpoint: ray.train.Checkpoint) -> dict:
+    """The state a worker saved, from local or s3:// storage; tensors and plain values only."""
+    with checkpoint.as_directory() as directory:
+        return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def load_resumable_state(latest: ray.train.Checkpoint) -> dict:
+    """The state of the newest checkpoint that loads. A truncated or corrupted file is reported
+    and skipped for the one kept before it; if none loads, the error names every file tried."""
+    parent, latest_name = latest.path.rstrip("/").rsplit("/", 1)
+    found = latest.filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
+    # Ray names checkpoint folders checkpoint_<timestamp>: older sorts lower.
+    older = sorted((info.path for info in found if info.type == pyarrow.fs.FileType.Directory
+                    and info.base_name.startswith("checkpoint_") and info.base_name < latest_name), reverse=True)
+    failures = []
+    for candidate in [latest, *(ray.train.Checkpoint(path, filesystem=latest.filesystem) for path in older)]:
+        try:
+            return load_checkpoint_state(candidate)
+        except Exception as error:  # noqa: BLE001 - any unreadable file: try the previous one
+            reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:160]}"
+            failures.append(f"{candidate.path}/{STATE_FILE} ({reason})")
+            print(f"warning: checkpoint {candidate.path}/{STATE_FILE} is unreadable ({reason}); trying the one "
+                  f"before it", flush=True)
+    raise RuntimeError("no readable checkpoint to resume from: " + "; ".join(failures))

@@ -1,0 +1,151 @@
+"""The Ray runtime of training and sweeps: join the cluster a run is in or start a local Ray,
+check what a local run asks for, and build the one TorchTrainer of the pipeline.
+
+Which cluster: `ray.address` if set, else the one this process runs in (`ray job submit` sets
+RAY_ADDRESS for its entry point), else a new local Ray with the fewest helper processes. A
+cluster that `ray start` left on this machine is joined only when asked for (`ray.address:
+auto`), unlike Ray's own default.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+
+from pipeline.checkpoints import CHECKPOINTS_KEPT
+from pipeline.config import ConfigError, Params
+from pipeline.worker import train_loop_per_worker
+
+# A Ray instance started for one run, on one machine, does not need these Ray Train helpers.
+# Each Ray process costs ~0.7% of a core even when idle, which on 2 cores is taken from the
+# training worker's intra-op threads (BENCHMARKS.md, "Ray Train's overhead"). The local Ray's
+# processes inherit the driver's environment; a value set by the user wins.
+LOCAL_RAY_ENV = {
+    # Polls the nodes for spot-instance preemption: a local instance has no preemptible node.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    # Prometheus metrics for the Ray dashboard's Grafana panels; MLflow has the run's metrics.
+    "RAY_TRAIN_METRICS_ENABLED": "0",
+}
+# Ray Train's own notes (worker group started, each report with its checkpoint) stay in Ray's
+# log files; the console gets warnings and errors, and the pipeline's own lines.
+RAY_TRAIN_LOGGING = ray.train.LoggingConfig(log_level="WARNING")
+RAY_AUTH_SETUP_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def cluster_address(params: Params) -> str | None:
+    """The Ray cluster to join, or None: start a local Ray for this run."""
+    return params.ray.address or os.environ.get("RAY_ADDRESS") or None
+
+
+def check_resources(params: Params) -> None:
+    """Fail before Ray starts on a request this machine cannot meet (local runs only)."""
+    if cluster_address(params):
+        return
+    cpus = os.cpu_count() or 1
+    if params.train.use_gpu and not torch.cuda.is_available():
+        raise ConfigError("train.use_gpu is true but no CUDA GPU is visible; set it to false or run on a GPU node")
+    gpus = torch.cuda.device_count()
+    if params.train.use_gpu and params.train.num_workers > gpus:
+        raise ConfigError(f"train.num_workers {params.train.num_workers} exceeds the {gpus} GPU(s) here")
+    if not params.train.use_gpu and params.train.num_workers > cpus:
+        raise ConfigError(
+            f"train.num_workers {params.train.num_workers} exceeds the {cpus} CPU(s) here; "
+            f"use at most {cpus} or set ray.address to a cluster"
+        )
+
+
+def start_ray(params: Params, *, sweep: bool = False) -> None:
+    """Join the cluster of `cluster_address`, or start a local Ray. Its dashboard (on loopback
+    only) starts if `ray.dashboard`, and always for a `sweep`: when Tune stops a trial early its
+    Train controller dies with the trial, and only the placement-group cleaner, through the
+    dashboard's state API, sees that and frees the trial's CPUs for the next one."""
+    if ray.is_initialized():
+        return
+    address = cluster_address(params)
+    local = address is None
+    dashboard_port = None
+    if local:
+        for key, value in LOCAL_RAY_ENV.items():
+            os.environ.setdefault(key, value)
+        # Ray 2.60 turns token authentication on for a new local Ray and warns that it did, on
+        # every start; it stays on, the warning goes.
+        logging.getLogger(RAY_AUTH_SETUP_LOGGER).setLevel(logging.ERROR)
+        # Train V2's placement-group cleaner reaches the dashboard through Ray's state API,
+        # which, unless told, looks for "the" cluster of this machine: the one `ray start`
+        # last recorded in /tmp/ray, alive or dead. Another Ray there, or a stale record of
+        # one, left a sweep's early-stopped trials holding their CPUs forever. Name ours.
+        dashboard_port = free_port()
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
+    # Ray colours each worker's prefix; in a log file or a pipe those are escape codes.
+    if not sys.stdout.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    dashboard = params.ray.dashboard or sweep
+    hook = "quiet_libraries_and_cleaner" if local and not dashboard else "quiet_libraries"
+    ray.init(
+        address=address or "local",
+        logging_level=logging.WARNING,
+        runtime_env={
+            "env_vars": {
+                # Train V2 tees each worker print() into its logger as well: one copy is enough.
+                "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+                # During a tracking outage a worker's logging call gives up after seconds, not
+                # MLflow's default of minutes of retries; the driver logs what was missed.
+                "MLFLOW_HTTP_REQUEST_MAX_RETRIES": os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"),
+                "MLFLOW_HTTP_REQUEST_TIMEOUT": os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "20"),
+                "MLFLOW_LOGGING_LEVEL": os.environ.get("MLFLOW_LOGGING_LEVEL", "WARNING"),
+            },
+            "worker_process_setup_hook": f"pipeline.ray_hooks.{hook}",
+        },
+        **({"num_cpus": os.cpu_count(), "include_dashboard": dashboard, "dashboard_host": "127.0.0.1",
+            "dashboard_port": dashboard_port} if local else {}),
+    )
+
+
+def resolve_storage_path(params: Params) -> str:
+    """Ray storage for checkpoints and run state: a URI as given, a local path made absolute."""
+    path = params.ray.storage_path
+    return path if "://" in path else str(Path(path).resolve())
+
+
+def build_trainer(params: Params, data: ray.ObjectRef, tracking_uri: str, run_id: str, *, name: str,
+                  storage_path: str, callbacks: list | None = None) -> ray.train.torch.TorchTrainer:
+    """The one TorchTrainer of the pipeline, for a training run and for each sweep trial: the
+    worker loop on `train.num_workers` workers, with the prepared arrays in the object store,
+    logging to MLflow run `run_id`."""
+    return ray.train.torch.TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"params": params.model_dump(), "data": data, "tracking_uri": tracking_uri, "run_id": run_id},
+        scaling_config=ray.train.ScalingConfig(num_workers=params.train.num_workers, use_gpu=params.train.use_gpu),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
+            failure_config=ray.train.FailureConfig(max_failures=params.train.max_failures),
+            logging_config=RAY_TRAIN_LOGGING,
+            callbacks=callbacks,
+        ),
+    )
+
+
+def root_cause(error: BaseException) -> str:
+    """The innermost error a worker raised, as one line: type and message."""
+    failures = getattr(error, "worker_failures", None) or {}
+    error = next(iter(failures.values()), error)
+    while getattr(error, "cause", None) is not None:  # RayTaskError wraps the worker's exception
+        error = error.cause
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}"

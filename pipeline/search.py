@@ -1,0 +1,131 @@
+"""A sweep's search: `tune.space` checked before any trial starts, each trial's params (the last
+layer of precedence, pipeline/config.py), the Tuner (seeded TPE, ASHA) over Tune's sampling
+domains, and the `dvc exp run` line that trains a trial through the pipeline."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from typing import Any
+
+import optuna
+from pydantic import BaseModel
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from pipeline.config import ConfigError, Params, TuneSection, deep_merge, flatten_mapping, overlay_for, parse_params
+from resattn.model import CONFIG_FIELDS
+
+METRIC = "val_accuracy"
+
+SEARCHABLE_SECTIONS = ("model", "train")
+
+
+def check_path(key: str) -> None:
+    """Raise ConfigError unless `key` names a searchable parameter."""
+    parts = key.split(".")
+    if parts[0] not in SEARCHABLE_SECTIONS:
+        raise ConfigError(f"tune.space.{key}: only {' and '.join(SEARCHABLE_SECTIONS)} parameters can be searched")
+    if parts[:2] == ["model", "overrides"]:
+        if len(parts) != 3 or parts[2] not in CONFIG_FIELDS:
+            raise ConfigError(f"tune.space.{key}: unknown model override; valid ones: {', '.join(CONFIG_FIELDS)}")
+        return
+    model: type[BaseModel] = Params
+    for depth, part in enumerate(parts):
+        fields = model.model_fields
+        if part not in fields:
+            where = ".".join(parts[:depth]) or "params"
+            raise ConfigError(f"tune.space.{key}: {where} has no parameter {part!r}; it has {', '.join(fields)}")
+        annotation = fields[part].annotation
+        if depth < len(parts) - 1:
+            if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+                raise ConfigError(f"tune.space.{key}: {'.'.join(parts[: depth + 1])} is not a section")
+            model = annotation
+
+
+def sweep_layer(settings: TuneSection, sampled: dict[str, Any]) -> dict:
+    """What a trial sets over the sweep's resolved params, the last layer of precedence
+    (pipeline/config.py): its epoch budget, its worker count, then its sampled values."""
+    layer = {"train": {"epochs": settings.max_epochs, "num_workers": settings.workers_per_trial}}
+    for key, value in sampled.items():
+        layer = deep_merge(layer, overlay_for(key, value))
+    return layer
+
+
+def trial_raw(resolved: dict, sampled: dict[str, Any], settings: TuneSection) -> dict:
+    """The params of one trial: the sweep's resolved params (conf/, profile, -S), then the
+    sweep's layer."""
+    return deep_merge(resolved, sweep_layer(settings, sampled))
+
+
+def validate_space(raw: dict, params: Params) -> None:
+    """Fail before any trial starts: every path must exist and every choice and bound must make
+    valid params on its own."""
+    if not params.tune.space:
+        raise ConfigError("tune.space is empty: give at least one parameter to search")
+    problems = []
+    for key, dimension in params.tune.space.items():
+        check_path(key)
+        for value in dimension.candidates():
+            try:
+                parse_params(trial_raw(raw, {key: value}, params.tune), "the trial params")
+            except ConfigError as error:
+                detail = str(error).split("\n", 1)[-1].strip()
+                problems.append(f"tune.space.{key}: value {value!r} gives invalid params: {detail}")
+    if problems:
+        raise ConfigError("the search space is invalid:\n  " + "\n  ".join(problems))
+
+
+def param_space(params: Params) -> dict[str, Any]:
+    space = {}
+    for key, dimension in params.tune.space.items():
+        if dimension.choice is not None:
+            space[key] = tune.choice(dimension.choice)
+        elif dimension.uniform is not None:
+            space[key] = tune.uniform(*dimension.uniform)
+        else:
+            space[key] = tune.loguniform(*dimension.loguniform)
+    return space
+
+
+def reproduce_command(resolved: dict, assignments: list[str], layer: dict) -> str:
+    """The `dvc exp run` line that trains a trial: the sweep's own `-S` assignments (its sweep
+    settings left out), then the trial's layer. `dvc exp run -S` composes conf/ as the sweep
+    did, and a later `-S` wins, so the line sets exactly the trial's params. A key that the
+    sweep's `resolved` params lack takes Hydra's `+`."""
+    present = flatten_mapping(resolved)
+    kept = [a for a in assignments if not a.lstrip("+~").startswith("tune.")]
+    for key, value in flatten_mapping(layer).items():
+        text = json.dumps(value) if isinstance(value, (list, dict, bool)) else str(value)
+        kept.append(f"{'' if key in present else '+'}{key}={text}")
+    return " ".join(["dvc exp run", *(f"-S {shlex.quote(a)}" for a in kept)])
+
+
+def build_tuner(trainable, params: Params, storage_path: str, concurrency: int) -> tune.Tuner:
+    """The sweep's Tuner: seeded TPE over `tune.space` with ASHA (or every trial to the end),
+    `concurrency` trials at once; or the sweep of the same name restored, to resume it."""
+    settings = params.tune
+    experiment_path = f"{storage_path.rstrip('/')}/{settings.name}"
+    if tune.Tuner.can_restore(experiment_path):
+        print(f"resuming sweep {settings.name} from {experiment_path}", flush=True)
+        return tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True)
+    return tune.Tuner(
+        trainable,
+        param_space=param_space(params),
+        tune_config=tune.TuneConfig(
+            metric=METRIC,
+            mode="max",
+            num_samples=settings.num_samples,
+            max_concurrent_trials=concurrency,
+            search_alg=OptunaSearch(sampler=optuna.samplers.TPESampler(seed=settings.seed)),
+            scheduler=ASHAScheduler(time_attr="training_iteration", max_t=settings.max_epochs,
+                                    grace_period=settings.grace_period,
+                                    reduction_factor=settings.reduction_factor)
+            if settings.early_stopping else FIFOScheduler(),
+        ),
+        # Upload the sweep's state (a few kB) at most 10 s apart rather than Tune's default 5 min:
+        # on s3:// storage that bounds what a killed driver loses to the trials of 10 s.
+        run_config=tune.RunConfig(name=settings.name, storage_path=storage_path,
+                                  sync_config=tune.SyncConfig(sync_period=10)),
+    )

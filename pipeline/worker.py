@@ -1,0 +1,180 @@
+"""What each Ray Train worker runs: `train_loop_per_worker`, for a training run and for every
+sweep trial alike (pipeline/cluster.py builds the one trainer that runs it).
+
+Each worker takes its shard of every batch (DDP), validates its slice of the validation split,
+and all-reduces the sums, so every worker sees the global figures. Rank 0 prints one line per
+epoch (and a progress line every 20 s within it), logs the epoch to MLflow, and reports the
+full training state as a checkpoint. A non-finite loss ends every worker's loop at the same
+step with a divergence record instead of a checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from torch import nn
+
+from pipeline.checkpoints import load_resumable_state, report_state
+from pipeline.config import Params, TrainConfig
+from pipeline.tracking import log_epoch, start_system_metrics, stop_system_metrics
+from resattn.cifar10 import Split
+from resattn.data import to_tensor_nchw
+from resattn.model import create_model
+from resattn.training import (
+    NonFiniteLossError,
+    build_optimizer,
+    build_scheduler,
+    evaluate,
+    global_sums,
+    restore_training_state,
+    train_epoch,
+    training_state,
+    unwrap,
+)
+
+PROGRESS_SECONDS = 20.0
+
+
+def use_reserved_cpus() -> int:
+    """Run as many intra-op threads as CPUs Ray reserved for this worker; returns that count.
+
+    Ray sets OMP_NUM_THREADS for a worker only once the worker process runs, which is too late
+    when torch is already loaded (a set-up hook or an import is enough): OpenMP then keeps one
+    thread per core. On 2 cores, two 1-CPU workers ran 4 busy threads and trained at 75-95
+    instead of 341-439 img/s (BENCHMARKS.md). torch.set_num_threads here, in the thread that
+    trains, holds whatever the environment."""
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    threads = max(int(cpus), 1)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def optimizer_and_scheduler(model: nn.Module, train: TrainConfig, steps_per_epoch: int
+                            ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """The optimizer and the per-step learning-rate schedule of `train`, its epochs turned into
+    optimizer steps."""
+    opt, schedule = train.optimizer, train.schedule
+    optimizer = build_optimizer(model, opt.name, opt.lr, momentum=opt.momentum, nesterov=opt.nesterov,
+                                weight_decay=opt.weight_decay, decay_norm_and_bias=opt.decay_norm_and_bias)
+    scheduler = build_scheduler(
+        optimizer,
+        total_steps=steps_per_epoch * train.epochs,
+        schedule=schedule.name,
+        warmup_steps=round(schedule.warmup_epochs * steps_per_epoch),
+        milestones=[round(m * steps_per_epoch) for m in schedule.milestones],
+        gamma=schedule.gamma,
+    )
+    return optimizer, scheduler
+
+
+def report_divergence(reason: str, epoch: int, rank: int, history: list[dict]) -> None:
+    """End every worker's loop normally, with the reason as the last checkpoint (the driver
+    reads it; a rerun of the same params finds it and stops at once): a raised error would make
+    Ray Train restart the workers, only to diverge again at the same step. A diverged run has
+    no validation accuracy: NaN, which Tune's schedulers and searchers pass over."""
+    metrics = {"epoch": epoch + 1, "val_accuracy": float("nan"), "diverged": 1.0}
+    report_state(metrics, {"diverged": reason, "epoch": epoch, "history": history} if rank == 0 else None)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    threads = use_reserved_cpus()
+    params = Params.model_validate(config["params"])
+    train_cfg = params.train
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    autocast_dtype = torch.bfloat16 if train_cfg.mixed_precision else None
+
+    train_split, val_split, norm = ray.get(config["data"])  # read-only views of the object store
+    if train_cfg.train_subset:
+        train_split = Split(train_split.images[: train_cfg.train_subset], train_split.labels[: train_cfg.train_subset])
+    train_images, train_labels = to_tensor_nchw(train_split.images), torch.tensor(train_split.labels)
+    # Each worker validates its own slice; the sums are combined below.
+    val_images = to_tensor_nchw(val_split.images[rank::world_size])
+    val_labels = torch.tensor(val_split.labels[rank::world_size])
+    if device.type == "cuda":  # the whole dataset fits on any GPU: no host-to-device copy per batch
+        train_images, train_labels = train_images.to(device), train_labels.to(device)
+
+    torch.manual_seed(train_cfg.seed)
+    model = create_model(params.model.preset, **params.model.build_kwargs())
+    if train_cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
+    per_worker_batch = train_cfg.batch_size // world_size
+    steps_per_epoch = (len(train_labels) // world_size) // per_worker_batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train_labels)} training images make no batch of {train_cfg.batch_size}")
+    optimizer, scheduler = optimizer_and_scheduler(model, train_cfg, steps_per_epoch)
+
+    start_epoch, history = 0, []
+    if checkpoint := ray.train.get_checkpoint():
+        state = load_resumable_state(checkpoint)
+        if "diverged" in state:
+            report_divergence(state["diverged"], state["epoch"], rank, state["history"])
+            return
+        start_epoch, history = restore_training_state(state, model, optimizer, scheduler)
+        if rank == 0:
+            print(f"resuming from the checkpoint of epoch {start_epoch}", flush=True)
+
+    total_images = steps_per_epoch * per_worker_batch * world_size
+    if rank == 0:
+        print(f"{world_size} worker(s) x {threads} CPU thread(s) on {device.type}; {total_images:,} training images "
+              f"per epoch in batches of {per_worker_batch * world_size}", flush=True)
+    sampling = rank == 0 and start_system_metrics(config["tracking_uri"], config["run_id"])
+    try:
+        for epoch in range(start_epoch, train_cfg.epochs):
+            last_print = [time.monotonic()]
+
+            def progress(done: int, epoch: int = epoch) -> None:
+                if rank == 0 and time.monotonic() - last_print[0] >= PROGRESS_SECONDS:
+                    last_print[0] = time.monotonic()
+                    print(f"  epoch {epoch + 1}: {done * world_size:,}/{total_images:,} images", flush=True)
+
+            lr = optimizer.param_groups[0]["lr"]
+            try:
+                result = train_epoch(
+                    model, optimizer, scheduler, train_images, train_labels, norm,
+                    batch_size=per_worker_batch, seed=train_cfg.seed, epoch=epoch, rank=rank, world_size=world_size,
+                    label_smoothing=train_cfg.label_smoothing, device=device, channels_last=train_cfg.channels_last,
+                    autocast_dtype=autocast_dtype, progress=progress,
+                )
+            except NonFiniteLossError as error:
+                report_divergence(str(error), epoch, rank, history)
+                return
+            val = evaluate(
+                unwrap(model), val_images, val_labels, norm, batch_size=train_cfg.eval_batch_size,
+                device=device, channels_last=train_cfg.channels_last, autocast_dtype=autocast_dtype,
+            )
+            val_loss, val_correct, val_count = global_sums(
+                val.loss * len(val_labels), val.accuracy * len(val_labels), len(val_labels), device=device)
+            metrics = {
+                "epoch": epoch + 1,
+                "train_loss": result.loss,
+                "train_accuracy": result.accuracy,
+                "val_loss": val_loss / val_count,
+                "val_accuracy": val_correct / val_count,
+                "lr": lr,
+                "images_per_second": result.images_per_second,  # images summed over workers
+                "epoch_seconds": result.seconds,
+            }
+            history.append(metrics)
+            if rank != 0:
+                report_state(metrics, None)
+                continue
+            print(
+                f"epoch {epoch + 1}/{train_cfg.epochs}: train loss {metrics['train_loss']:.4f} "
+                f"acc {metrics['train_accuracy']:.4f} | val loss {metrics['val_loss']:.4f} "
+                f"acc {metrics['val_accuracy']:.4f} | {metrics['images_per_second']:.0f} img/s",
+                flush=True,
+            )
+            log_epoch(config["tracking_uri"], config["run_id"], {k: v for k, v in metrics.items() if k != "epoch"},
+                      epoch + 1)
+            report_state(metrics, training_state(model, optimizer, scheduler, epoch, history))
+            print(f"checkpoint saved for epoch {epoch + 1}", flush=True)
+    finally:
+        if sampling:
+            stop_system_metrics()

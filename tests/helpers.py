@@ -1,0 +1,107 @@
+"""Plain helpers the tests share (conftest.py holds the fixtures): paths, small datasets in the
+real CIFAR-10 file format, stages run as a user runs them, the infra/ scripts, and ending
+exactly the processes a test started."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import psutil
+import yaml
+
+from pipeline.cluster import free_port  # noqa: F401 - shared with the tests
+from resattn.cifar10 import Split
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+REAL_CIFAR10 = ROOT.parent / "shared" / "cifar-10-batches-py"
+
+
+def infra_module(name: str) -> ModuleType:
+    """A script of infra/ (scripts, not a package) as a module."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "infra" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+local_stack = infra_module("local_stack")
+session_processes = local_stack.session_processes
+wait_for = local_stack.wait_for
+
+
+def shipped_params() -> dict:
+    """The committed params.yaml, as a mapping."""
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def kill_session(session_id: int) -> None:
+    """SIGKILL a session's processes at once, like a crash: the driver, its Ray, the workers."""
+    for process in session_processes(session_id):
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def synthetic_split(n: int, seed: int) -> Split:
+    """Images whose mean colour depends on the class, so a tiny net can learn something."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 10
+    rng.shuffle(labels)
+    base = (labels[:, None, None, None] * 25).astype(np.int16)
+    noise = rng.integers(-20, 21, size=(n, 32, 32, 3))
+    images = np.clip(base + noise, 0, 255).astype(np.uint8)
+    return Split(images, labels.astype(np.int64))
+
+
+def stage_env() -> dict[str, str]:
+    """The environment stages run in: this venv first on PATH, no data source override."""
+    env = os.environ | {
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONUNBUFFERED": "1",
+        "DVC_NO_ANALYTICS": "1",
+        # A test run lasts seconds: sample system metrics every second instead of every 10.
+        "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1",
+        "MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING": "1",
+    }
+    env.pop("RESATTN_CIFAR10_SOURCE", None)
+    return env
+
+
+def run(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run a command as a user would, in `cwd`; fail the test with its output if it fails."""
+    result = subprocess.run(args, cwd=cwd, env=stage_env(), capture_output=True, text=True, timeout=timeout,
+                            check=False)
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
+
+
+def _latest_recorded(storage: Path, run_name: str) -> dict:
+    snapshots = list(storage.glob(f"{run_name}-*/checkpoint_manager_snapshot.json"))
+    if not snapshots:
+        return {}
+    try:
+        latest = json.loads(snapshots[0].read_text()).get("latest_checkpoint_result") or {}
+    except json.JSONDecodeError:  # caught mid-write
+        return {}
+    return latest | {"run_dir": snapshots[0].parent}
+
+
+def recorded_epoch(storage: Path, run_name: str) -> int:
+    """The latest epoch Ray Train has recorded as checkpointed for a run (0 if none yet)."""
+    return int(_latest_recorded(storage, run_name).get("metrics", {}).get("epoch", 0))
+
+
+def recorded_checkpoint(storage: Path, run_name: str) -> Path:
+    """The folder of the checkpoint Ray Train resumes from (a newer one may be half-registered)."""
+    latest = _latest_recorded(storage, run_name)
+    return latest["run_dir"] / latest["checkpoint_dir_name"]
