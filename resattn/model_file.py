@@ -12,12 +12,12 @@ never unpickles code (`weights_only`).
 from __future__ import annotations
 
 import dataclasses
-import os
-import tempfile
+import io
 from pathlib import Path
 
 import torch
 
+from resattn.data import write_bytes
 from resattn.model import ResidualAttentionConfig, ResidualAttentionNet
 
 FORMAT = 2  # 1: files before this module, which stored `config` beside `preset` and `overrides`
@@ -26,12 +26,9 @@ FORMAT = 2  # 1: files before this module, which stored `config` beside `preset`
 def save_model(path: Path, state_dict: dict[str, torch.Tensor], config: ResidualAttentionConfig,
                preset: str | None = None) -> None:
     """Write the file atomically: a crash leaves the previous file or none, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    content = {"format": FORMAT, "config": dataclasses.asdict(config), "preset": preset, "model": state_dict}
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        torch.save(content, tmp)
-    os.replace(tmp.name, path)
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, "config": dataclasses.asdict(config), "preset": preset, "model": state_dict}, buffer)
+    write_bytes(path, buffer.getvalue())
 
 
 def load_config(saved: dict, path: Path) -> ResidualAttentionConfig:
