@@ -2,7 +2,8 @@
 
 Rank 0 writes `resattn.training.training_state` (or a divergence record) through
 `report_state`; the next run of the same Ray run resumes from `load_resumable_state`, and the
-driver reads the final state with `load_checkpoint_state`. The trainer keeps two checkpoints
+driver reads the final state with `load_checkpoint_state` and keeps its weights as the model
+file (`save_trained_model`). The trainer keeps two checkpoints
 (pipeline/cluster.py), so a truncated newest one falls back to the one before it. Local or
 s3:// storage alike; loading never unpickles code (`weights_only`).
 """
@@ -15,6 +16,10 @@ from pathlib import Path
 import pyarrow.fs
 import ray.train
 import torch
+
+from pipeline.config import Params
+from resattn.model import model_config
+from resattn.model_file import save_model
 
 STATE_FILE = "state.pt"
 CHECKPOINTS_KEPT = 2
@@ -55,3 +60,10 @@ def load_resumable_state(latest: ray.train.Checkpoint) -> dict:
             print(f"warning: checkpoint {candidate.path}/{STATE_FILE} is unreadable ({reason}); trying the one "
                   f"before it", flush=True)
     raise RuntimeError("no readable checkpoint to resume from: " + "; ".join(failures))
+
+
+def save_trained_model(state: dict, params: Params, path: Path) -> None:
+    """The final weights of a training state (a training run's, or a sweep's best trial's) as a
+    model file (resattn.model_file)."""
+    save_model(path, state["model"], model_config(params.model.preset, **params.model.build_kwargs()),
+               preset=params.model.preset)

@@ -148,13 +148,13 @@ def mark_failed(tracking_uri: str, run_id: str, reason: str) -> None:
 
 
 
-def sweep_parent_run(client: MlflowClient, params: Params) -> str:
+def sweep_parent_run(client: MlflowClient, params: Params, lineage: dict[str, str]) -> str:
     experiment = mlflow.set_experiment(params.mlflow.experiment)
     found = client.search_runs([experiment.experiment_id], f"tags.sweep = '{params.tune.name}' and tags.role = 'sweep'")
     if found:
         return found[0].info.run_id
     run = client.create_run(experiment.experiment_id, run_name=f"sweep {params.tune.name}",
-                            tags=lineage_tags() | {"sweep": params.tune.name, "role": "sweep"})
+                            tags=lineage | {"sweep": params.tune.name, "role": "sweep"})
     log_params(client, run.info.run_id, flatten("tune", params.tune.model_dump()))
     return run.info.run_id
 

@@ -24,15 +24,13 @@ import ray
 import ray.train
 from mlflow.tracking import MlflowClient
 
-from pipeline.checkpoints import load_checkpoint_state
+from pipeline.checkpoints import load_checkpoint_state, save_trained_model
 from pipeline.cluster import build_trainer, check_resources, resolve_storage_path, root_cause, start_ray
 from pipeline.common import MODEL_FILE, RUN_FILE, StageError, run_stage
 from pipeline.config import Params
 from pipeline.remote import check_run_services, redact
 from pipeline.tracking import backfill_metrics, mark_failed, open_training_run, resolve_tracking_uri
 from resattn.data import load_prepared, write_csv, write_json
-from resattn.model import model_config
-from resattn.model_file import save_model
 
 METRICS_FILE = Path("reports/train.json")
 HISTORY_FILE = Path("reports/train_history.csv")
@@ -42,12 +40,6 @@ def run_identity(params: Params, data_hash: str) -> str:
     """Stable name for a training run: same params and data, same name, so a rerun resumes."""
     shaping = {"model": params.model.model_dump(), "train": params.train.model_dump(), "data": data_hash}
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def save_trained_model(state: dict, params: Params, path: Path) -> None:
-    """The final weights of a training state as a model file (resattn.model_file)."""
-    save_model(path, state["model"], model_config(params.model.preset, **params.model.build_kwargs()),
-               preset=params.model.preset)
 
 
 def train(params: Params) -> None:

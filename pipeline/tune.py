@@ -33,7 +33,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 
-from pipeline.checkpoints import load_checkpoint_state
+from pipeline.checkpoints import load_checkpoint_state, save_trained_model
 from pipeline.cluster import build_trainer, resolve_storage_path, start_ray
 from pipeline.common import StageError, change_to_root
 from pipeline.config import DEFAULT_PARAMS, ConfigError, Params, parse_params, resolve
@@ -51,7 +51,6 @@ from pipeline.tracking import (
     trial_child_run,
     trial_run_id,
 )
-from pipeline.train import save_trained_model
 from resattn.cifar10 import DataError
 from resattn.data import load_prepared, write_json, write_text
 
@@ -98,13 +97,14 @@ def sweep(params_path: Path = DEFAULT_PARAMS, assignments: list[str] = ()) -> di
     tracking_uri = resolve_tracking_uri(params.mlflow.tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
-    parent_id = sweep_parent_run(client, params)
+    lineage = lineage_tags()
+    parent_id = sweep_parent_run(client, params, lineage)
     experiment_id = client.get_run(parent_id).info.experiment_id
     storage_path = resolve_storage_path(params)
     start_ray(params, sweep=True)
     context = {"settings": settings, "tracking_uri": tracking_uri, "experiment_id": experiment_id,
                "parent_run_id": parent_id, "data": ray.put(data), "sweep": settings.name, "storage_path": storage_path,
-               "lineage": lineage_tags(),
+               "lineage": lineage,
                "dataset": (prepared, data_hash, {"train": len(data[0].labels), "val": len(data[1].labels)})}
     # The trial function only launches and waits: its Train workers hold the CPUs and GPUs.
     trainable = tune.with_resources(tune.with_parameters(run_trial, raw=raw, context=context),
