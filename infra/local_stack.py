@@ -92,13 +92,9 @@ def stop_processes(processes: list[psutil.Process]) -> None:
 
 
 def stop_session(session_id: int) -> None:
-    """TERM the session's leader first (Ray's `--block` head then stops its own children
-    cleanly), then the rest of the session."""
-    try:
-        psutil.Process(session_id).terminate()
-        psutil.Process(session_id).wait(timeout=STOP_GRACE)
-    except (psutil.NoSuchProcess, psutil.TimeoutExpired):
-        pass
+    """TERM every process of the session at once, as `ray stop` does to every Ray process of a
+    machine. Ray's `--block` head, TERMed alone after a sweep had run, ignored it for the whole
+    grace period (then the rest needed another): `down` took 36 s instead of 9 s."""
     stop_processes(session_processes(session_id))
 
 

@@ -19,6 +19,11 @@ import sys
 PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
 
+# Reading an earlier run (pipeline.checkpoints.concluded_state) logs at INFO that a snapshot
+# was found, with advice for starting afresh that does not apply to a rerun.
+CHECKPOINT_MANAGER_LOGGER = "ray.train.v2._internal.execution.checkpoint.checkpoint_manager"
+
+
 # Ray Train V2 logs every report, a multi-line dump of the metrics and the checkpoint, at INFO
 # through a logger named after its file's path, which Train's own log-level setting misses.
 REPORT_LOGGER_MODULE = "ray.train.v2._internal.execution.context"
@@ -26,10 +31,12 @@ REPORT_LOGGER_MODULE = "ray.train.v2._internal.execution.context"
 
 def quiet_libraries() -> None:
     """Library notes at WARNING, in this process and in those it starts: MLflow's (database
-    tables created, system metrics started, ...) and Ray Train's per-report dump. Output lines
+    tables created, system metrics started, ...), Ray Train's per-report dump and its note on
+    an earlier run's snapshot. Output lines
     reach a log file or a pipe as they are printed, not when a buffer fills."""
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read by mlflow when it is imported
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # for an mlflow already imported
+    logging.getLogger(CHECKPOINT_MANAGER_LOGGER).setLevel(logging.WARNING)
     if spec := importlib.util.find_spec(REPORT_LOGGER_MODULE):
         logging.getLogger(spec.origin).setLevel(logging.WARNING)
     sys.stdout.reconfigure(line_buffering=True)

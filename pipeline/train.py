@@ -24,7 +24,7 @@ import ray
 import ray.train
 from mlflow.tracking import MlflowClient
 
-from pipeline.checkpoints import load_checkpoint_state, save_trained_model
+from pipeline.checkpoints import concluded_state, load_checkpoint_state, save_trained_model
 from pipeline.cluster import build_trainer, check_resources, resolve_storage_path, root_cause, start_ray
 from pipeline.common import MODEL_FILE, RUN_FILE, StageError, run_stage
 from pipeline.config import Params
@@ -42,6 +42,23 @@ def run_identity(params: Params, data_hash: str) -> str:
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def fit(params: Params, data: tuple, tracking_uri: str, run_id: str, run_name: str, storage_path: str) -> dict:
+    """Train (or resume) Ray run `run_name` on Ray; its final state."""
+    start_ray(params)
+    trainer = build_trainer(params, ray.put(data), tracking_uri, run_id, name=run_name, storage_path=storage_path)
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as error:
+        raise StageError(
+            f"training run {run_name} failed and was restarted train.max_failures={params.train.max_failures} "
+            f"time(s) without success: {root_cause(error)}. Its checkpoints stay in {storage_path}/{run_name}; "
+            f"rerunning the stage resumes from them"
+        ) from None
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {run_name} ended without a checkpoint")
+    return load_checkpoint_state(result.checkpoint)
+
+
 def train(params: Params) -> None:
     check_resources(params)
     check_run_services(params)
@@ -54,21 +71,12 @@ def train(params: Params) -> None:
     run_id = open_training_run(params, tracking_uri, run_name, prepared, data_hash, counts)
     print(f"training run {run_name} (MLflow run {run_id}) on {params.train.num_workers} worker(s)", flush=True)
 
-    start_ray(params)
     started = time.monotonic()
-    trainer = build_trainer(params, ray.put(data), tracking_uri, run_id, name=run_name, storage_path=storage_path)
-    try:
-        result = trainer.fit()
-    except ray.train.TrainingFailedError as error:
-        raise StageError(
-            f"training run {run_name} failed and was restarted train.max_failures={params.train.max_failures} "
-            f"time(s) without success: {root_cause(error)}. Its checkpoints stay in {storage_path}/{run_name}; "
-            f"rerunning the stage resumes from them"
-        ) from None
+    if state := concluded_state(storage_path, run_name, params.train.epochs):
+        print(f"training run {run_name} had already concluded; nothing to train", flush=True)
+    else:
+        state = fit(params, data, tracking_uri, run_id, run_name, storage_path)
     wall_seconds = time.monotonic() - started
-    if result.checkpoint is None:
-        raise RuntimeError(f"training run {run_name} ended without a checkpoint")
-    state = load_checkpoint_state(result.checkpoint)
     if "diverged" in state:
         MODEL_FILE.unlink(missing_ok=True)  # no model for evaluate or register to pick up
         mark_failed(tracking_uri, run_id, state["diverged"])

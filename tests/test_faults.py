@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import errno
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -105,21 +106,38 @@ def checkpoint_files(project: Path, run_name: str) -> list[Path]:
     return sorted((project / "ray_results").glob(f"{run_name}-*/checkpoint_*/state.pt"))
 
 
-def interrupt_after(project: Path, run_name: str, epoch: int, tmp_path: Path) -> str:
-    params_file = write_params(project, run_name)
-    driver = start_training(project, params_file, tmp_path / "first.log")
+@pytest.fixture(scope="module")
+def interrupted_run(project, tmp_path_factory) -> tuple[str, Path, Path]:
+    """(params file, run folder, a copy of it) of a run whose driver was killed, with its Ray
+    and workers, after the checkpoint of epoch 3: each test damages its own copy."""
+    if not (project / "data/prepared/train.npz").exists():
+        run(["dvc", "repro", "preprocess"], project)
+    params_file = write_params(project, "interrupted")
+    driver = start_training(project, params_file, tmp_path_factory.mktemp("interrupted") / "first.log")
     try:
-        wait_for_epoch(project, run_name, epoch, driver)
+        wait_for_epoch(project, "interrupted", 3, driver)
     finally:
-        kill_session(driver.pid)  # driver, its Ray and the workers, at once
+        kill_session(driver.pid)
         driver.wait(timeout=60)
-    return params_file
+    (folder,) = (project / "ray_results").glob("interrupted-*")
+    pristine = tmp_path_factory.mktemp("pristine") / folder.name
+    shutil.copytree(folder, pristine)
+    return params_file, folder, pristine
 
 
-def test_a_truncated_latest_checkpoint_is_skipped_for_the_one_before(project, uninterrupted, tmp_path):
-    params_file = interrupt_after(project, "truncated", 3, tmp_path)
-    latest = recorded_checkpoint(project / "ray_results", "truncated") / "state.pt"
-    assert [f for f in checkpoint_files(project, "truncated") if f < latest]  # one kept before it
+def restored(interrupted_run: tuple[str, Path, Path]) -> tuple[str, list[Path], Path]:
+    """The interrupted run as it was killed: (params file, its checkpoint files, the one
+    Ray Train resumes from)."""
+    params_file, folder, pristine = interrupted_run
+    shutil.rmtree(folder)
+    shutil.copytree(pristine, folder)
+    latest = recorded_checkpoint(folder.parent, "interrupted") / "state.pt"
+    return params_file, sorted(folder.glob("checkpoint_*/state.pt")), latest
+
+
+def test_a_truncated_latest_checkpoint_is_skipped_for_the_one_before(project, uninterrupted, interrupted_run):
+    params_file, files, latest = restored(interrupted_run)
+    assert [f for f in files if f < latest]  # one kept before it
     latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])
     resumed = run([sys.executable, "-m", "pipeline.train", "--params", params_file], project).stdout
     assert f"warning: checkpoint {latest} is unreadable (RuntimeError: " in resumed
@@ -127,10 +145,9 @@ def test_a_truncated_latest_checkpoint_is_skipped_for_the_one_before(project, un
     assert_same_metrics(history(project), uninterrupted)
 
 
-def test_when_no_checkpoint_loads_the_error_names_every_file(project, tmp_path):
-    params_file = interrupt_after(project, "all-corrupt", 2, tmp_path)
-    latest = recorded_checkpoint(project / "ray_results", "all-corrupt") / "state.pt"
-    files = [f for f in checkpoint_files(project, "all-corrupt") if f <= latest]  # the ones resume may use
+def test_when_no_checkpoint_loads_the_error_names_every_file(project, interrupted_run):
+    params_file, files, latest = restored(interrupted_run)
+    files = [f for f in files if f <= latest]  # the ones resume may use
     assert files
     for path in files:
         path.write_bytes(b"not a checkpoint")
@@ -140,7 +157,7 @@ def test_when_no_checkpoint_loads_the_error_names_every_file(project, tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, result.stderr[-3000:]
     error = errors[0]
-    assert error.startswith("error: training run all-corrupt-") and "no readable checkpoint to resume from" in error
+    assert error.startswith("error: training run interrupted-") and "no readable checkpoint to resume from" in error
     for path in files:
         assert str(path) in error
         assert path.read_bytes() == b"not a checkpoint"  # evidence kept, nothing overwritten
@@ -237,7 +254,7 @@ def test_a_tracking_server_lost_mid_run_costs_no_training_and_the_rerun_logs_the
 
         server.start()
         again = run(command, project).stdout
-        assert "epoch 1/" not in again  # nothing retrained
+        assert "epoch 1/" not in again and "had already concluded; nothing to train" in again  # no Ray at all
         assert "epoch metric values that MLflow had missed" in again
         client = MlflowClient(server.uri)
         mlflow_run = client.search_runs([client.get_experiment_by_name("resattn-cifar10").experiment_id],
