@@ -9,6 +9,7 @@ import shlex
 from typing import Any
 
 import optuna
+import ray
 from pydantic import BaseModel
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -102,9 +103,19 @@ def reproduce_command(resolved: dict, assignments: list[str], layer: dict) -> st
     return " ".join(["dvc exp run", *(f"-S {shlex.quote(a)}" for a in kept)])
 
 
-def build_tuner(trainable, params: Params, storage_path: str, concurrency: int) -> tune.Tuner:
+def concurrent_trials(params: Params) -> int:
+    """Trials that fit the cluster at once. The trial functions ask for no CPU (their Train
+    workers hold the resources), so Tune alone would start every trial and leave most of them
+    queueing for workers, and TPE would learn nothing from finished trials."""
+    resource = "GPU" if params.train.use_gpu else "CPU"
+    available = int(ray.cluster_resources().get(resource, 0))
+    return max(1, available // params.tune.workers_per_trial)
+
+
+def build_tuner(trainable, params: Params, storage_path: str) -> tune.Tuner:
     """The sweep's Tuner: seeded TPE over `tune.space` with ASHA (or every trial to the end),
-    `concurrency` trials at once; or the sweep of the same name restored, to resume it."""
+    `tune.max_concurrent_trials` trials at once (0: as many as the cluster fits); or the sweep
+    of the same name restored, to resume it."""
     settings = params.tune
     experiment_path = f"{storage_path.rstrip('/')}/{settings.name}"
     if tune.Tuner.can_restore(experiment_path):
@@ -117,7 +128,7 @@ def build_tuner(trainable, params: Params, storage_path: str, concurrency: int) 
             metric=METRIC,
             mode="max",
             num_samples=settings.num_samples,
-            max_concurrent_trials=concurrency,
+            max_concurrent_trials=settings.max_concurrent_trials or concurrent_trials(params),
             search_alg=OptunaSearch(sampler=optuna.samplers.TPESampler(seed=settings.seed)),
             scheduler=ASHAScheduler(time_attr="training_iteration", max_t=settings.max_epochs,
                                     grace_period=settings.grace_period,

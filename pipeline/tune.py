@@ -36,7 +36,7 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallba
 from pipeline.checkpoints import load_checkpoint_state, save_trained_model
 from pipeline.cluster import build_trainer, resolve_storage_path, start_ray
 from pipeline.common import StageError, change_to_root
-from pipeline.config import DEFAULT_PARAMS, ConfigError, Params, parse_params, resolve
+from pipeline.config import DEFAULT_PARAMS, ConfigError, parse_params, resolve
 from pipeline.evaluate import evaluate_model
 from pipeline.ray_hooks import quiet_libraries
 from pipeline.register import register_model
@@ -76,15 +76,6 @@ def run_trial(sampled: dict, *, raw: dict, context: dict) -> None:
 # The driver
 
 
-def concurrent_trials(params: Params) -> int:
-    """Trials that fit the cluster at once. The trial functions ask for no CPU (their Train
-    workers hold the resources), so Tune alone would start every trial and leave most of them
-    queueing for workers, and TPE would learn nothing from finished trials."""
-    resource = "GPU" if params.train.use_gpu else "CPU"
-    available = int(ray.cluster_resources().get(resource, 0))
-    return max(1, available // params.tune.workers_per_trial)
-
-
 def sweep(params_path: Path = DEFAULT_PARAMS, assignments: list[str] = ()) -> dict:
     """Run the sweep of the params that `params_path` and the `-S` `assignments` resolve to."""
     raw = resolve(params_path, assignments)
@@ -109,8 +100,7 @@ def sweep(params_path: Path = DEFAULT_PARAMS, assignments: list[str] = ()) -> di
     # The trial function only launches and waits: its Train workers hold the CPUs and GPUs.
     trainable = tune.with_resources(tune.with_parameters(run_trial, raw=raw, context=context),
                                     {"cpu": 0, "memory": 64 * 1024**2})
-    concurrency = settings.max_concurrent_trials or concurrent_trials(params)
-    tuner = build_tuner(trainable, params, storage_path, concurrency)
+    tuner = build_tuner(trainable, params, storage_path)
     results = tuner.fit()
 
     keys = list(settings.space)
