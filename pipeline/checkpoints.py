@@ -3,9 +3,9 @@
 Rank 0 writes `resattn.training.training_state` (or a divergence record) through
 `report_state`; the next run of the same Ray run resumes from `load_resumable_state`, and the
 driver reads the final state with `load_checkpoint_state` (or, rerun, finds it with
-`concluded_state`) and keeps its weights as the model file (`save_trained_model`). The trainer keeps two checkpoints
-(pipeline/cluster.py), so a truncated newest one falls back to the one before it. Local or
-s3:// storage alike; loading never unpickles code (`weights_only`).
+`concluded_state`) and keeps its weights as the model file (`save_trained_model`). The
+trainer keeps two checkpoints (pipeline/cluster.py), so a truncated newest one falls back to
+the one before it. Local or s3:// storage alike; loading never unpickles code (`weights_only`).
 """
 
 from __future__ import annotations

@@ -32,8 +32,8 @@ REPORT_LOGGER_MODULE = "ray.train.v2._internal.execution.context"
 def quiet_libraries() -> None:
     """Library notes at WARNING, in this process and in those it starts: MLflow's (database
     tables created, system metrics started, ...), Ray Train's per-report dump and its note on
-    an earlier run's snapshot. Output lines
-    reach a log file or a pipe as they are printed, not when a buffer fills."""
+    an earlier run's snapshot. Output lines reach a log file or a pipe as they are printed, not
+    when a buffer fills."""
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read by mlflow when it is imported
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # for an mlflow already imported
     logging.getLogger(CHECKPOINT_MANAGER_LOGGER).setLevel(logging.WARNING)
