@@ -34,6 +34,16 @@ PREFIX = "resattn-local"
 BIN = Path(sys.executable).parent
 START_TIMEOUT = 120.0
 STOP_GRACE = 15.0
+# Every port the stack listens on, with the usual default of each; all on 127.0.0.1. Each can be
+# moved, so that the stack runs beside another Ray on the machine (which holds the defaults).
+PORTS = {
+    "s3": (9000, "the S3-compatible server"),
+    "mlflow": (5000, "the MLflow server"),
+    "ray": (6379, "the Ray head's GCS (RAY_ADDRESS)"),
+    "dashboard": (8265, "the Ray dashboard and job API"),
+    "agent": (52365, "the Ray head's dashboard agent, which runs submitted jobs"),
+    "client": (10001, "the Ray client server (ray://)"),
+}
 
 
 def _port_is_free(port: int) -> bool:
@@ -121,46 +131,52 @@ class Stack:
         self.save(state)  # recorded at once, so `down` finds it even if `up` dies next
         return process
 
-    def up(self, s3_port: int, mlflow_port: int, ray_port: int, dashboard_port: int, num_cpus: int) -> dict:
+    def up(self, ports: dict[str, int], num_cpus: int) -> dict:
+        """Start the stack on `ports` (keyed as in PORTS)."""
         if (existing := self.load()) and any(session_processes(pid) for pid in existing["sessions"].values()):
             raise SystemExit(f"error: a stack from {self.state_dir} is running; stop it first: python {__file__} down")
-        for flag, port in (("--s3-port", s3_port), ("--mlflow-port", mlflow_port), ("--ray-port", ray_port),
-                           ("--dashboard-port", dashboard_port)):
+        for name, port in ports.items():
             if not _port_is_free(port):
-                raise SystemExit(f"error: port {port} on 127.0.0.1 is taken; pick another with {flag}")
+                raise SystemExit(f"error: port {port} on 127.0.0.1 is taken; pick another with --{name}-port")
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        s3 = f"http://127.0.0.1:{s3_port}"
+        s3 = f"http://127.0.0.1:{ports['s3']}"
         env = {
             "AWS_ENDPOINT_URL": s3, "AWS_ACCESS_KEY_ID": "moto-placeholder-key",
             "AWS_SECRET_ACCESS_KEY": "moto-placeholder-secret", "AWS_DEFAULT_REGION": "us-east-1",
-            "RAY_ADDRESS": f"127.0.0.1:{ray_port}", "RAY_AUTH_MODE": "token",
+            "RAY_ADDRESS": f"127.0.0.1:{ports['ray']}", "RAY_AUTH_MODE": "token",
         }
         buckets = {role: f"{PREFIX}-{role}" for role in ("data", "mlflow", "ray")}
         state = {
             "sessions": {}, "env": env, "buckets": buckets,
-            "mlflow_tracking_uri": f"http://127.0.0.1:{mlflow_port}",
-            "ray_dashboard": f"http://127.0.0.1:{dashboard_port}",
+            "mlflow_tracking_uri": f"http://127.0.0.1:{ports['mlflow']}",
+            "ray_dashboard": f"http://127.0.0.1:{ports['dashboard']}",
             # Ray's socket paths must stay under 107 bytes: a short folder of its own.
             "ray_temp_dir": tempfile.mkdtemp(prefix="ray-stack-", dir="/tmp"),
         }
         child_env = os.environ | env | {"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
         try:
-            moto = self._start(state, "s3", [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)], child_env)
+            moto = self._start(state, "s3", [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(ports["s3"])], child_env)
             wait_for(f"{s3}/moto-api/", moto, "the S3 server", self.state_dir / "s3.log")
             subprocess.run([sys.executable, str(INFRA / "bootstrap.py"), "--prefix", PREFIX], env=child_env,
                            check=True, stdout=subprocess.DEVNULL)
             mlflow = self._start(state, "mlflow", [
-                str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1",
+                str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(ports["mlflow"]), "--workers", "1",
                 "--backend-store-uri", f"sqlite:///{self.state_dir / 'mlflow.db'}",
                 "--artifacts-destination", f"s3://{buckets['mlflow']}/artifacts",
             ], child_env | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
             wait_for(f"{state['mlflow_tracking_uri']}/health", mlflow, "the MLflow server", self.state_dir / "mlflow.log")
             ray = self._start(state, "ray", [
-                str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={ray_port}",
-                "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", f"--num-cpus={num_cpus}",
+                str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={ports['ray']}",
+                "--dashboard-host=127.0.0.1", f"--dashboard-port={ports['dashboard']}",
+                f"--dashboard-agent-listen-port={ports['agent']}", f"--ray-client-server-port={ports['client']}",
+                f"--num-cpus={num_cpus}",
                 f"--temp-dir={state['ray_temp_dir']}", "--disable-usage-stats",
             ], child_env)
             wait_for(f"{state['ray_dashboard']}/api/version", ray, "the Ray head", self.state_dir / "ray.log")
+            # The dashboard answers seconds before the agent that takes job submissions: a job
+            # submitted in between, on a busy machine, was refused ("No available agent").
+            wait_for(f"http://127.0.0.1:{ports['agent']}/api/healthz", ray, "the Ray head's job agent",
+                     self.state_dir / "ray.log")
         except BaseException:
             self.down()
             raise
@@ -199,16 +215,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=["up", "down", "env"])
     parser.add_argument("--dir", type=Path, default=Path(".stack"), help="state, logs and the MLflow database")
-    parser.add_argument("--s3-port", type=int, default=9000)
-    parser.add_argument("--mlflow-port", type=int, default=5000)
-    parser.add_argument("--ray-port", type=int, default=6379)
-    parser.add_argument("--dashboard-port", type=int, default=8265)
+    for name, (default, what) in PORTS.items():
+        parser.add_argument(f"--{name}-port", type=int, default=default, help=what)
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
     stack = Stack(args.dir)
     if args.action == "up":
         try:
-            state = stack.up(args.s3_port, args.mlflow_port, args.ray_port, args.dashboard_port, args.num_cpus)
+            state = stack.up({name: getattr(args, f"{name}_port") for name in PORTS}, args.num_cpus)
         except (RuntimeError, subprocess.CalledProcessError) as error:
             raise SystemExit(f"error: {error}\n(everything it had started is stopped again)") from None
         print(describe(state))

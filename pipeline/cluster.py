@@ -94,7 +94,7 @@ def start_ray(params: Params, *, sweep: bool = False) -> None:
     if not sys.stdout.isatty():
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     dashboard = params.ray.dashboard or sweep
-    hook = "quiet_libraries_and_cleaner" if local and not dashboard else "quiet_libraries"
+    hook = "set_up_worker_without_dashboard" if local and not dashboard else "set_up_worker"
     ray.init(
         address=address or "local",
         logging_level=logging.WARNING,

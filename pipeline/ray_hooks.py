@@ -42,7 +42,26 @@ def quiet_libraries() -> None:
     sys.stdout.reconfigure(line_buffering=True)
 
 
-def quiet_libraries_and_cleaner() -> None:
-    """The same, for a local Ray without its dashboard: also the placement-group cleaner."""
+def ask_own_cluster() -> None:
+    """Point Ray's state API in this worker at the cluster the worker belongs to. Train V2's
+    placement-group cleaner asks that API whether its run's controller lives; not told where,
+    the API looks for "the" Ray of the machine: it failed with "Found multiple active Ray
+    instances" beside another Ray (a second user's, a test's), or asked a cluster that `ray
+    start` last recorded in /tmp/ray. A local Ray of the pipeline names its dashboard already
+    (RAY_API_SERVER_ADDRESS, pipeline/cluster.py); any other is found through its GCS."""
+    import ray  # loaded in every Ray worker already; imported here so that the driver need not
+
+    if "RAY_API_SERVER_ADDRESS" not in os.environ:
+        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+
+
+def set_up_worker() -> None:
+    """The hook of every Ray worker process of a run."""
     quiet_libraries()
+    ask_own_cluster()
+
+
+def set_up_worker_without_dashboard() -> None:
+    """The same, for a local Ray without its dashboard: the placement-group cleaner is quiet too."""
+    set_up_worker()
     logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)

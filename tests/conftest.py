@@ -1,10 +1,14 @@
 """Fixtures the tests share: small datasets in the real CIFAR-10 format, a real S3-compatible
-server, and a project in a temporary git + DVC repository (plain helpers: tests/helpers.py)."""
+server, and a project in a temporary git + DVC repository (plain helpers: tests/helpers.py);
+and how the tests share the machine when pytest-xdist runs them in parallel (pyproject.toml)."""
 
 from __future__ import annotations
 
+import collections
+import fcntl
 import shutil
 import sys
+import tempfile
 import urllib.request
 from pathlib import Path
 
@@ -82,3 +86,52 @@ def project(tmp_path_factory) -> Path:
     run(["git", "add", "-A"], repo)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "project"], repo)
     return repo
+
+
+# --------------------------------------------------------------------------------------------
+# Running in parallel: pytest-xdist hands out whole files (`--dist loadfile`, pyproject.toml)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files with the most slow tests first, each in its own order: the longest files start
+    first, so that the workers finish together."""
+    slow = collections.Counter(item.path for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow[item.path])
+
+
+# Every Ray started on this machine binds its dashboard agent to port 52365 if that is free, a
+# stage's local Ray included (ray.init has no setting for it), and a `ray start` cluster takes
+# job submissions through that agent. While the README's cluster (test_readme.py) starts, as
+# written, no other test may start a Ray: each test holds a shared lock, that one an exclusive
+# one. A writer's turnstile keeps the shared holders, who follow each other without a gap, from
+# starving it. The lock files are machine-wide, as the port is.
+RAY_PORTS_LOCK = Path(tempfile.gettempdir()) / "resattn-tests-ray-ports.lock"
+RAY_PORTS_TURNSTILE = Path(tempfile.gettempdir()) / "resattn-tests-ray-ports.turnstile"
+
+
+def _locked(path: Path, mode: int):
+    """`path` open with an flock in `mode`; closing the file releases it."""
+    handle = open(path, "a")  # noqa: SIM115 - held past this function, closed by the caller
+    fcntl.flock(handle, mode)
+    return handle
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    if "exclusive_ray_ports" in getattr(item, "fixturenames", ()):
+        yield
+        return
+    with _locked(RAY_PORTS_TURNSTILE, fcntl.LOCK_SH):
+        held = _locked(RAY_PORTS_LOCK, fcntl.LOCK_SH)
+    with held:  # the whole test: its fixtures' set-up and teardown too
+        yield
+
+
+@pytest.fixture
+def exclusive_ray_ports():
+    """Ray's default ports to this test alone (no other test starts a Ray) until it calls the
+    release function this yields, or ends."""
+    with _locked(RAY_PORTS_TURNSTILE, fcntl.LOCK_EX):
+        held = _locked(RAY_PORTS_LOCK, fcntl.LOCK_EX)
+    with held:
+        yield held.close

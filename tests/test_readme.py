@@ -14,12 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ROOT, kill_session, run, stage_env
+from helpers import ROOT, kill_session, run, stage_env, wait_for
 
 pytestmark = pytest.mark.slow
 
 # Small-data overrides appended to the README's sweep line, and nothing else.
 SMALL_SWEEP = ["-S", "tune.num_samples=2", "-S", "tune.max_epochs=1"]
+# Where `ray start --head` puts the dashboard agent that takes job submissions, by default.
+RAY_AGENT_PORT = 52365
 
 
 def readme_cluster_lines() -> list[str]:
@@ -29,7 +31,7 @@ def readme_cluster_lines() -> list[str]:
     return [line.strip() for line in block.replace("\\\n", " ").splitlines() if line.strip()]
 
 
-def test_the_readme_sweep_and_train_jobs_run_as_written_and_the_sweep_reproduces(project):
+def test_the_readme_sweep_and_train_jobs_run_as_written_and_the_sweep_reproduces(project, exclusive_ray_ports, tmp_path):
     lines = readme_cluster_lines()
     assert lines[-1] == "ray stop" and any("pipeline/tune.py" in line for line in lines)
     assert any("python -m pipeline.train" in line for line in lines)
@@ -37,14 +39,18 @@ def test_the_readme_sweep_and_train_jobs_run_as_written_and_the_sweep_reproduces
     script = "set -e\n" + "\n".join(f"{line} {shlex.join(SMALL_SWEEP)}" if "pipeline/tune.py" in line else line
                                      for line in lines[:-1])
     started = time.time()
-    cluster = subprocess.Popen(["bash", "-c", script], cwd=project, env=stage_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    log = tmp_path / "cluster.log"
+    with open(log, "w") as out:
+        cluster = subprocess.Popen(["bash", "-c", script], cwd=project, env=stage_env(), stdout=out,
+                                   stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        out, _ = cluster.communicate(timeout=1200)
+        wait_for(f"http://127.0.0.1:{RAY_AGENT_PORT}/api/healthz", cluster, "the README cluster's job agent", log)
+        exclusive_ray_ports()  # the agent holds its port: other tests may start their Rays again
+        cluster.wait(timeout=1200)
     finally:
         kill_session(cluster.pid)  # the head's processes stay in the script's session
     try:
-        check_jobs_and_reproduce(project, cluster.returncode, out)
+        check_jobs_and_reproduce(project, cluster.returncode, log.read_text())
     finally:
         # What `ray stop` would also do: forget this cluster as the machine's current one. Until
         # here, the stale record of a dead cluster was in place: the stages ignored it.

@@ -1,6 +1,7 @@
-"""Ray Tune sweeps: the search space is checked before any trial, a tiny sweep runs for real
-(ASHA, MLflow parent/child runs, the registry), an interrupted sweep resumes, and on the local
-stack the sweep runs as a Ray job with its state in S3 and its models behind the MLflow server."""
+"""Ray Tune sweeps: the search space is checked before any trial; a tiny sweep runs for real,
+is killed after two trials and finishes on restore (ASHA, MLflow parent/child runs, the
+registry); on the local stack a sweep killed mid-way is restored by a Ray job, with its state in
+S3 and its models behind the MLflow server."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from helpers import ROOT, free_port, kill_session, session_processes, shipped_params, stage_env, synthetic_split
+from helpers import ROOT, free_port, kill_session, local_stack, session_processes, shipped_params, stage_env, synthetic_split
 from pipeline.config import ConfigError, compose, parse_params
 from pipeline.search import reproduce_command, sweep_layer, trial_raw, validate_space
 from resattn.cifar10 import write_cifar_format
@@ -91,34 +92,58 @@ def sweep_project(tmp_path_factory) -> Path:
     return root
 
 
-def run_sweep(project: Path, params_file: str = "params.yaml") -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, str(ROOT / "pipeline" / "tune.py"), "--params", params_file],
+def run_sweep(project: Path) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, str(ROOT / "pipeline" / "tune.py")],
                             cwd=project, env=stage_env(), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
 
 
+def _finished_trials(experiment: Path) -> int:
+    done = 0
+    for result in experiment.glob("run_trial_*/result.json"):
+        lines = result.read_text().strip().splitlines()
+        done += bool(lines) and json.loads(lines[-1]).get("done", False)
+    return done
+
+
 @pytest.mark.slow
-def test_a_tiny_sweep_stops_trials_early_and_registers_the_best(sweep_project):
+def test_a_tiny_sweep_killed_after_two_trials_finishes_on_restore_and_registers_the_best(sweep_project):
+    driver = subprocess.Popen([sys.executable, str(ROOT / "pipeline" / "tune.py")], cwd=sweep_project,
+                              env=stage_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    experiment = sweep_project / "ray_results" / "tiny"
+    try:
+        deadline = time.monotonic() + 600
+        while _finished_trials(experiment) < 2 and driver.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:
+        kill_session(driver.pid)  # the third trial is starting
+        driver.wait(timeout=60)
+    assert driver.returncode == -signal.SIGKILL, "the sweep ended before it could be interrupted"
+    assert _finished_trials(experiment) == 2
+
     out = run_sweep(sweep_project).stdout
+    assert "resuming sweep tiny" in out
     summary = json.loads((sweep_project / "reports/tune/tiny/summary.json").read_text())
     assert summary["trials"] == 3
     assert summary["stopped_early"] >= 1
     assert "dvc exp run -S" in out and "| trial |" in out
 
     client = MlflowClient(f"sqlite:///{sweep_project / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("resattn-cifar10")
-    parents = client.search_runs([experiment.experiment_id], "tags.role = 'sweep' and tags.sweep = 'tiny'")
+    experiment_id = client.get_experiment_by_name("resattn-cifar10").experiment_id
+    parents = client.search_runs([experiment_id], "tags.role = 'sweep' and tags.sweep = 'tiny'")
     assert len(parents) == 1
     parent = parents[0]
-    children = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    assert len(children) == 3
+    children = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(children) == 3  # no trial was started twice
     assert all("searched.train.optimizer.lr" in child.data.params for child in children)
     stopped = [child for child in children if child.data.tags.get("stopped_early") == "true"]
     assert len(stopped) == summary["stopped_early"]
     for child in children:
+        # Each epoch once, in order: a rerun trial would log its epochs a second time.
         epochs = [m.step for m in client.get_metric_history(child.info.run_id, "val_accuracy")]
-        assert epochs == list(range(1, len(epochs) + 1))
+        assert epochs == list(range(1, len(epochs) + 1)), (child.data.tags["trial_id"], epochs)
     best_child = next(c for c in children if c.data.tags["trial_id"] == summary["best_trial"])
     assert parent.data.tags["best_trial"] == summary["best_trial"]
     assert best_child.data.metrics["val_accuracy"] == max(c.data.metrics["val_accuracy"] for c in children
@@ -134,66 +159,18 @@ def test_a_tiny_sweep_stops_trials_early_and_registers_the_best(sweep_project):
     assert champion.run_id == best_child.info.run_id  # the first model registered here
 
 
-# The third trial is in flight or pending when the driver dies after two; two trials at a time
-# keep both CPUs busy through the trials' start-ups.
-INTERRUPTED_SWEEP = {"max_epochs": 2, "max_concurrent_trials": 2}
-
-
-def _finished_trials(experiment: Path) -> int:
-    done = 0
-    for result in experiment.glob("run_trial_*/result.json"):
-        lines = result.read_text().strip().splitlines()
-        done += bool(lines) and json.loads(lines[-1]).get("done", False)
-    return done
-
-
-@pytest.mark.slow
-def test_an_interrupted_sweep_finishes_on_restore_without_rerunning_finished_trials(sweep_project):
-    raw = yaml.safe_load((sweep_project / "params.yaml").read_text())
-    raw["tune"] |= {"name": "interrupted"} | INTERRUPTED_SWEEP
-    (sweep_project / "interrupted.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    driver = subprocess.Popen([sys.executable, str(ROOT / "pipeline" / "tune.py"), "--params", "interrupted.yaml"],
-                              cwd=sweep_project, env=stage_env(), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
-    experiment = sweep_project / "ray_results" / "interrupted"
-    try:
-        deadline = time.monotonic() + 600
-        while _finished_trials(experiment) < 2 and driver.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.5)
-    finally:
-        kill_session(driver.pid)
-        driver.wait(timeout=60)
-    assert driver.returncode == -signal.SIGKILL, "the sweep ended before it could be interrupted"
-    finished_before = _finished_trials(experiment)
-    assert finished_before == 2
-
-    out = run_sweep(sweep_project, "interrupted.yaml").stdout
-    assert "resuming sweep interrupted" in out
-    summary = json.loads((sweep_project / "reports/tune/interrupted/summary.json").read_text())
-    assert summary["trials"] == 3
-    client = MlflowClient(f"sqlite:///{sweep_project / 'mlflow.db'}")
-    experiment_id = client.get_experiment_by_name("resattn-cifar10").experiment_id
-    parent = client.search_runs([experiment_id], "tags.role = 'sweep' and tags.sweep = 'interrupted'")[0]
-    children = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    assert len(children) == 3  # no trial was started twice
-    for child in children:
-        # A rerun trial would log its epochs a second time.
-        steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_accuracy")]
-        assert len(steps) == len(set(steps)), (child.data.tags["trial_id"], steps)
-
-
 # --------------------------------------------------------------------------------------------
 # The cluster workflow on the local stack (infra/local_stack.py): a Ray head, an MLflow server
 # with S3 artifacts and an S3-compatible server, all real processes on 127.0.0.1
 
 
 @pytest.fixture(scope="module")
-def local_stack(tmp_path_factory):
+def stack(tmp_path_factory):
     state_dir = tmp_path_factory.mktemp("stack")
     command = [sys.executable, str(ROOT / "infra" / "local_stack.py")]
     options = ["--dir", str(state_dir), "--num-cpus", "2"]
-    for flag in ("--s3-port", "--mlflow-port", "--ray-port", "--dashboard-port"):
-        options += [flag, str(free_port())]
+    for name in local_stack.PORTS:  # none of Ray's defaults: another Ray may hold them
+        options += [f"--{name}-port", str(free_port())]
     up = subprocess.run(command + ["up"] + options, env=stage_env(), capture_output=True, text=True, timeout=300)
     assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-4000:]
     state = json.loads((state_dir / "stack.json").read_text())
@@ -225,59 +202,13 @@ def bucket_keys(state: dict, bucket: str, prefix: str = "") -> list[str]:
 
 
 @pytest.mark.slow
-def test_the_local_stack_listens_on_loopback_only(local_stack):
+def test_the_local_stack_listens_on_loopback_only(stack):
     ports = {urllib.parse.urlsplit(url).port for url in
-             (local_stack["mlflow_tracking_uri"], local_stack["ray_dashboard"], local_stack["env"]["AWS_ENDPOINT_URL"])}
+             (stack["mlflow_tracking_uri"], stack["ray_dashboard"], stack["env"]["AWS_ENDPOINT_URL"])}
     listening = [c for c in psutil.net_connections(kind="inet")
                  if c.status == psutil.CONN_LISTEN and c.laddr.port in ports]
     assert {c.laddr.port for c in listening} == ports
     assert {c.laddr.ip for c in listening} == {"127.0.0.1"}
-
-
-@pytest.mark.slow
-def test_a_sweep_submitted_to_the_stack_keeps_state_in_s3_and_models_behind_mlflow(sweep_project, local_stack, tmp_path):
-    raw = yaml.safe_load((sweep_project / "params.yaml").read_text())
-    raw["tune"] |= {"name": "on-stack", "num_samples": 2, "max_epochs": 1}
-    raw["data"] |= {"prepared_dir": "data/prepared"}  # relative: found through --root
-    (sweep_project / "on-stack.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    job_dir = tmp_path / "job"  # the code alone, as a working dir uploaded to a cluster
-    job_dir.mkdir()
-    for package in ("pipeline", "resattn"):
-        shutil.copytree(ROOT / package, job_dir / package, ignore=shutil.ignore_patterns("__pycache__"))
-    submitted = subprocess.run(
-        ["ray", "job", "submit", "--address", local_stack["ray_dashboard"], "--working-dir", str(job_dir), "--",
-         "python", "pipeline/tune.py", "--root", str(sweep_project), "--params", "on-stack.yaml",
-         *stack_overrides(local_stack)],
-        env=stage_env() | local_stack["env"], capture_output=True, text=True, timeout=900)
-    assert submitted.returncode == 0, submitted.stdout[-4000:] + submitted.stderr[-3000:]
-    assert "succeeded" in submitted.stdout.lower()
-
-    # Experiment state and checkpoints are in the bucket, not on the local disk.
-    ray_keys = bucket_keys(local_stack, local_stack["buckets"]["ray"], "runs/")
-    assert "runs/on-stack/tuner.pkl" in ray_keys
-    assert any(key.startswith("runs/on-stack/experiment_state") for key in ray_keys)
-    assert any(re.fullmatch(r"runs/on-stack-[^/]+/checkpoint_[^/]+/state\.pt", key) for key in ray_keys), ray_keys
-    assert not (sweep_project / "ray_results" / "on-stack").exists()
-    # MLflow artifacts went through the server into its bucket.
-    artifact_keys = bucket_keys(local_stack, local_stack["buckets"]["mlflow"])
-    assert any(key.endswith("/MLmodel") for key in artifact_keys)
-    assert any(key.endswith("/sweep/trials.md") for key in artifact_keys)
-
-    uri = local_stack["mlflow_tracking_uri"]
-    client = MlflowClient(uri)
-    experiment_id = client.get_experiment_by_name("resattn-cifar10").experiment_id
-    parent = client.search_runs([experiment_id], "tags.role = 'sweep' and tags.sweep = 'on-stack'")
-    assert len(parent) == 1
-    assert len(client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent[0].info.run_id}'")) == 2
-    # The champion loads by alias through the server alone: no S3 credentials in this process.
-    no_aws = {k: v for k, v in stage_env().items() if not k.startswith("AWS_")}
-    loaded = subprocess.run(
-        [sys.executable, "-c", "import mlflow, torch, sys; mlflow.set_tracking_uri(sys.argv[1]); "
-         "model = mlflow.pytorch.load_model('models:/resattn-cifar10@champion'); "
-         "print(tuple(model(torch.rand(3, 3, 32, 32)).shape))", uri],
-        env=no_aws, capture_output=True, text=True, timeout=300)
-    assert loaded.returncode == 0, loaded.stderr[-3000:]
-    assert loaded.stdout.strip().splitlines()[-1] == "(3, 10)"
 
 
 def _finished_trials_in_s3(state: dict, sweep: str) -> int:
@@ -291,37 +222,70 @@ def _finished_trials_in_s3(state: dict, sweep: str) -> int:
 
 
 @pytest.mark.slow
-def test_an_interrupted_sweep_restores_from_its_s3_path(sweep_project, local_stack):
+def test_a_sweep_on_the_stack_killed_mid_way_is_restored_by_a_ray_job_from_s3(sweep_project, stack, tmp_path):
     raw = yaml.safe_load((sweep_project / "params.yaml").read_text())
-    raw["tune"] |= {"name": "s3-interrupted"} | INTERRUPTED_SWEEP
-    (sweep_project / "s3-interrupted.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    command = [sys.executable, str(ROOT / "pipeline" / "tune.py"), "--params", "s3-interrupted.yaml",
-               *stack_overrides(local_stack)]
-    env = stage_env() | local_stack["env"]
-    driver = subprocess.Popen(command, cwd=sweep_project, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
+    # Two trials at a time: the third is in flight or pending when the driver dies after two.
+    raw["tune"] |= {"name": "on-stack", "max_epochs": 2, "max_concurrent_trials": 2}
+    raw["data"] |= {"prepared_dir": "data/prepared"}  # relative: found through --root
+    (sweep_project / "on-stack.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    sweep_args = ["pipeline/tune.py", "--root", str(sweep_project), "--params", "on-stack.yaml", *stack_overrides(stack)]
+    env = stage_env() | stack["env"]
+
+    # A driver on this machine joins the stack's cluster (RAY_ADDRESS) and is killed mid-sweep.
+    driver = subprocess.Popen([sys.executable, str(ROOT / sweep_args[0]), *sweep_args[1:]], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 600
-        while (_finished_trials_in_s3(local_stack, "s3-interrupted") < 2 and driver.poll() is None
-               and time.monotonic() < deadline):
+        while _finished_trials_in_s3(stack, "on-stack") < 2 and driver.poll() is None and time.monotonic() < deadline:
             time.sleep(1)
     finally:
         kill_session(driver.pid)
         driver.wait(timeout=60)
     assert driver.returncode == -signal.SIGKILL, "the sweep ended before it could be interrupted"
-    assert _finished_trials_in_s3(local_stack, "s3-interrupted") == 2
+    assert _finished_trials_in_s3(stack, "on-stack") == 2
 
-    restored = subprocess.run(command, cwd=sweep_project, env=env, capture_output=True, text=True, timeout=900)
-    assert restored.returncode == 0, restored.stdout[-3000:] + restored.stderr[-5000:]
-    assert f"resuming sweep s3-interrupted from s3://{local_stack['buckets']['ray']}/runs/s3-interrupted" in restored.stdout
-    client = MlflowClient(local_stack["mlflow_tracking_uri"])
+    # The same sweep submitted as a Ray job, with the code alone as its uploaded working dir.
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    for package in ("pipeline", "resattn"):
+        shutil.copytree(ROOT / package, job_dir / package, ignore=shutil.ignore_patterns("__pycache__"))
+    submitted = subprocess.run(
+        ["ray", "job", "submit", "--address", stack["ray_dashboard"], "--working-dir", str(job_dir), "--", "python",
+         *sweep_args], env=env, capture_output=True, text=True, timeout=900)
+    assert submitted.returncode == 0, submitted.stdout[-4000:] + submitted.stderr[-3000:]
+    assert "succeeded" in submitted.stdout.lower()
+    assert f"resuming sweep on-stack from s3://{stack['buckets']['ray']}/runs/on-stack" in submitted.stdout
+
+    # Experiment state and checkpoints are in the bucket, not on the local disk.
+    ray_keys = bucket_keys(stack, stack["buckets"]["ray"], "runs/")
+    assert "runs/on-stack/tuner.pkl" in ray_keys
+    assert any(key.startswith("runs/on-stack/experiment_state") for key in ray_keys)
+    assert any(re.fullmatch(r"runs/on-stack-[^/]+/checkpoint_[^/]+/state\.pt", key) for key in ray_keys), ray_keys
+    assert not (sweep_project / "ray_results" / "on-stack").exists()
+    # MLflow artifacts went through the server into its bucket.
+    artifact_keys = bucket_keys(stack, stack["buckets"]["mlflow"])
+    assert any(key.endswith("/MLmodel") for key in artifact_keys)
+    assert any(key.endswith("/sweep/trials.md") for key in artifact_keys)
+
+    uri = stack["mlflow_tracking_uri"]
+    client = MlflowClient(uri)
     experiment_id = client.get_experiment_by_name("resattn-cifar10").experiment_id
-    parent = client.search_runs([experiment_id], "tags.role = 'sweep' and tags.sweep = 's3-interrupted'")[0]
-    children = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    parent = client.search_runs([experiment_id], "tags.role = 'sweep' and tags.sweep = 'on-stack'")
+    assert len(parent) == 1
+    children = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent[0].info.run_id}'")
     assert len(children) == 3  # no trial lost, none started twice
     for child in children:
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "val_accuracy")]
         assert len(steps) == len(set(steps)), (child.data.tags["trial_id"], steps)
+    # The champion loads by alias through the server alone: no S3 credentials in this process.
+    no_aws = {k: v for k, v in stage_env().items() if not k.startswith("AWS_")}
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import mlflow, torch, sys; mlflow.set_tracking_uri(sys.argv[1]); "
+         "model = mlflow.pytorch.load_model('models:/resattn-cifar10@champion'); "
+         "print(tuple(model(torch.rand(3, 3, 32, 32)).shape))", uri],
+        env=no_aws, capture_output=True, text=True, timeout=300)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert loaded.stdout.strip().splitlines()[-1] == "(3, 10)"
 
 
 @pytest.mark.parametrize("sweep_assignments", [[], ["profile=paper", "+model.overrides.p=2", "tune.num_samples=2"]])
