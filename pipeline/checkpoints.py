@@ -1,9 +1,9 @@
 """Ray Train checkpoints of the pipeline: one file of training state per checkpoint folder.
 
 Rank 0 writes `resattn.training.training_state` (or a divergence record) through
-`report_state`; the next run of the same Ray run resumes from `load_resumable_state`, and the
-driver reads the final state with `load_checkpoint_state` (or, rerun, finds it with
-`concluded_state`) and keeps its weights as the model file (`save_trained_model`). The
+`report_state`; the next run of the same Ray run resumes from `load_resumable_state`, which
+its driver calls first (`latest_state`), and the driver reads the final state with
+`load_checkpoint_state` and keeps its weights as the model file (`save_trained_model`). The
 trainer keeps two checkpoints (pipeline/cluster.py), so a truncated newest one falls back to
 the one before it. Local or s3:// storage alike; loading never unpickles code (`weights_only`).
 """
@@ -62,22 +62,22 @@ def load_resumable_state(latest: ray.train.Checkpoint) -> dict:
     raise RuntimeError("no readable checkpoint to resume from: " + "; ".join(failures))
 
 
-def concluded_state(storage_path: str, run_name: str, epochs: int) -> dict | None:
-    """The final state of Ray run `run_name` if it already trained all `epochs` or diverged;
-    None if it is not there, still has epochs to go, or its last checkpoint does not load
-    (training then resumes through `load_resumable_state`). A rerun of a concluded run needs
-    no Ray: starting a worker group only to find nothing to do cost ~15 s."""
+def latest_state(storage_path: str, run_name: str) -> dict | None:
+    """The state of Ray run `run_name`'s newest readable checkpoint (`load_resumable_state`), or
+    None if there is no such run or it has no checkpoint yet; RuntimeError if none loads. The
+    driver reads it before Ray starts: a concluded run (`has_concluded`) needs no Ray, and a
+    run that cannot resume fails in seconds, where Ray Train restarted its workers
+    `train.max_failures` times to fail the same way."""
     try:
         result = ray.train.Result.from_path(f"{storage_path.rstrip('/')}/{run_name}")
     except RuntimeError:  # no such run, or no checkpoint recorded yet
         return None
-    metrics = result.metrics or {}
-    if result.checkpoint is None or not (metrics.get("diverged") or metrics.get("epoch") == epochs):
-        return None
-    try:
-        return load_checkpoint_state(result.checkpoint)
-    except Exception:  # noqa: BLE001 - unreadable: the workers fall back to an older checkpoint
-        return None
+    return load_resumable_state(result.checkpoint) if result.checkpoint else None
+
+
+def has_concluded(state: dict, epochs: int) -> bool:
+    """Whether a checkpoint's state ends its run: all `epochs` trained, or a divergence record."""
+    return "diverged" in state or state["epoch"] + 1 == epochs
 
 
 def save_trained_model(state: dict, params: Params, path: Path) -> None:

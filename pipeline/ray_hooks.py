@@ -19,7 +19,7 @@ import sys
 PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
 
-# Reading an earlier run (pipeline.checkpoints.concluded_state) logs at INFO that a snapshot
+# Reading an earlier run (pipeline.checkpoints.latest_state) logs at INFO that a snapshot
 # was found, with advice for starting afresh that does not apply to a rerun.
 CHECKPOINT_MANAGER_LOGGER = "ray.train.v2._internal.execution.checkpoint.checkpoint_manager"
 

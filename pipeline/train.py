@@ -24,7 +24,7 @@ import ray
 import ray.train
 from mlflow.tracking import MlflowClient
 
-from pipeline.checkpoints import concluded_state, load_checkpoint_state, save_trained_model
+from pipeline.checkpoints import has_concluded, latest_state, load_checkpoint_state, save_trained_model
 from pipeline.cluster import build_trainer, check_resources, resolve_storage_path, root_cause, start_ray
 from pipeline.common import MODEL_FILE, RUN_FILE, StageError, run_stage
 from pipeline.config import Params
@@ -71,12 +71,18 @@ def train(params: Params) -> None:
     run_id = open_training_run(params, tracking_uri, run_name, prepared, data_hash, counts)
     print(f"training run {run_name} (MLflow run {run_id}) on {params.train.num_workers} worker(s)", flush=True)
 
-    started = time.monotonic()
-    if state := concluded_state(storage_path, run_name, params.train.epochs):
+    try:
+        state = latest_state(storage_path, run_name)
+    except RuntimeError as error:
+        raise StageError(f"training run {run_name} cannot resume: {error}. The files are left as they are; to train "
+                         f"from scratch instead, remove {storage_path}/{run_name}") from None
+    fit_seconds = None  # no training in this run of the stage
+    if state is not None and has_concluded(state, params.train.epochs):
         print(f"training run {run_name} had already concluded; nothing to train", flush=True)
     else:
+        started = time.monotonic()
         state = fit(params, data, tracking_uri, run_id, run_name, storage_path)
-    wall_seconds = time.monotonic() - started
+        fit_seconds = time.monotonic() - started
     if "diverged" in state:
         MODEL_FILE.unlink(missing_ok=True)  # no model for evaluate or register to pick up
         mark_failed(tracking_uri, run_id, state["diverged"])
@@ -94,7 +100,7 @@ def train(params: Params) -> None:
         "train_accuracy": final["train_accuracy"],
         "best_val_accuracy": max(h["val_accuracy"] for h in history),
         "images_per_second": sum(h["images_per_second"] for h in history) / len(history),
-        "fit_seconds": round(wall_seconds, 1),
+        **({} if fit_seconds is None else {"fit_seconds": round(fit_seconds, 1)}),
     })
     write_json(RUN_FILE, {"run_id": run_id, "tracking_uri": params.mlflow.tracking_uri, "ray_run": run_name})
     client = MlflowClient(tracking_uri)
@@ -102,15 +108,17 @@ def train(params: Params) -> None:
         if missed := backfill_metrics(client, run_id, history):
             print(f"logged {missed} epoch metric values that MLflow had missed", flush=True)
         client.log_artifact(run_id, str(HISTORY_FILE), "training")
-        client.log_metric(run_id, "fit_seconds", wall_seconds)
+        if fit_seconds is not None:
+            client.log_metric(run_id, "fit_seconds", fit_seconds)
     except Exception as error:  # noqa: BLE001 - any tracking failure: the training itself is safe
         raise StageError(
             f"training finished and {MODEL_FILE} is saved, but MLflow at {redact(tracking_uri)} did not take the "
             f"run's metrics ({type(error).__name__}). Once it answers again, rerun this stage: it finds the "
             f"finished run and logs what is missing"
         ) from None
-    print(f"final validation accuracy {final['val_accuracy']:.4f} after {final['epoch']} epochs "
-          f"({wall_seconds / 60:.1f} min); model in {MODEL_FILE}")
+    took = "" if fit_seconds is None else f" ({fit_seconds / 60:.1f} min)"
+    print(f"final validation accuracy {final['val_accuracy']:.4f} after {final['epoch']} epochs{took}; "
+          f"model in {MODEL_FILE}")
 
 
 if __name__ == "__main__":

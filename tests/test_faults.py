@@ -256,6 +256,7 @@ def test_a_tracking_server_lost_mid_run_costs_no_training_and_the_rerun_logs_the
         again = run(command, project).stdout
         assert "epoch 1/" not in again and "had already concluded; nothing to train" in again  # no Ray at all
         assert "epoch metric values that MLflow had missed" in again
+        assert "fit_seconds" not in json.loads((project / "reports/train.json").read_text())  # it trained nothing
         client = MlflowClient(server.uri)
         mlflow_run = client.search_runs([client.get_experiment_by_name("resattn-cifar10").experiment_id],
                                         "tags.ray_run LIKE 'outage-%'")[0]
