@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.tracking.context.registry import resolve_tags
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_GIT_COMMIT
 
-from pipeline.config import Params
+from pipeline.config import Params, flatten_mapping
 
 MLFLOW_BATCH_LIMIT = 1000  # metrics per log_batch call
 MLFLOW_PARAM_LIMIT = 6000  # characters of a param value
@@ -36,14 +36,11 @@ def resolve_tracking_uri(uri: str) -> str:
     return uri
 
 
-def flatten(prefix: str, value) -> dict[str, str]:
-    """Nested params as MLflow params: {"train": {"epochs": 3}} -> {"train.epochs": "3"}."""
-    if isinstance(value, dict):
-        flat = {}
-        for key, inner in value.items():
-            flat.update(flatten(f"{prefix}.{key}" if prefix else str(key), inner))
-        return flat
-    return {prefix: json.dumps(value) if isinstance(value, (list, dict)) else str(value)}
+def flatten(prefix: str, mapping: dict) -> dict[str, str]:
+    """Nested params as MLflow params: {"train": {"epochs": 3}} -> {"train.epochs": "3"}; lists
+    and empty mappings as JSON."""
+    return {key: json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+            for key, value in flatten_mapping(mapping, prefix).items()}
 
 
 def log_params(client: MlflowClient, run_id: str, flat: dict[str, str]) -> None:

@@ -32,8 +32,10 @@ def test_a_run_is_named_by_what_shapes_training_and_nothing_else(params):
 
 
 def test_nested_params_flatten_to_mlflow_params():
-    assert flatten("", {"train": {"epochs": 3, "schedule": {"milestones": [1.0, 2.0]}}, "profile": "fast"}) == {
-        "train.epochs": "3", "train.schedule.milestones": "[1.0, 2.0]", "profile": "fast"}
+    assert flatten("", {"train": {"epochs": 3, "schedule": {"milestones": [1.0, 2.0]}}, "profile": "fast",
+                        "model": {"overrides": {}}}) == {
+        "train.epochs": "3", "train.schedule.milestones": "[1.0, 2.0]", "profile": "fast", "model.overrides": "{}"}
+    assert flatten("tune", {"max_epochs": 3}) == {"tune.max_epochs": "3"}
 
 
 def test_a_training_run_is_found_again_with_lineage_and_its_dataset(params, tmp_path, monkeypatch):
