@@ -57,6 +57,12 @@ def _port_is_free(port: int) -> bool:
             return False
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def wait_for(url: str, process: subprocess.Popen, name: str, log: Path) -> None:
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
@@ -131,8 +137,9 @@ class Stack:
         self.save(state)  # recorded at once, so `down` finds it even if `up` dies next
         return process
 
-    def up(self, ports: dict[str, int], num_cpus: int) -> dict:
-        """Start the stack on `ports` (keyed as in PORTS)."""
+    def up(self, ports: dict[str, int], num_cpus: int, worker_nodes: int = 0, worker_node_cpus: int = 1) -> dict:
+        """Start the stack on `ports` (keyed as in PORTS): its Ray head with `num_cpus` CPUs and
+        `worker_nodes` more Ray nodes, each a raylet of its own with `worker_node_cpus` CPUs."""
         if (existing := self.load()) and any(session_processes(pid) for pid in existing["sessions"].values()):
             raise SystemExit(f"error: a stack from {self.state_dir} is running; stop it first: python {__file__} down")
         for name, port in ports.items():
@@ -177,6 +184,16 @@ class Stack:
             # submitted in between, on a busy machine, was refused ("No available agent").
             wait_for(f"http://127.0.0.1:{ports['agent']}/api/healthz", ray, "the Ray head's job agent",
                      self.state_dir / "ray.log")
+            for index in range(1, worker_nodes + 1):
+                name, agent_port = f"ray-node-{index}", _free_port()
+                node = self._start(state, name, [
+                    str(BIN / "ray"), "start", "--block", f"--address=127.0.0.1:{ports['ray']}",
+                    "--node-ip-address=127.0.0.1", f"--num-cpus={worker_node_cpus}",
+                    f"--dashboard-agent-listen-port={agent_port}", "--disable-usage-stats",
+                ], child_env)
+                # A node's agent starts once its raylet has joined the cluster.
+                wait_for(f"http://127.0.0.1:{agent_port}/api/healthz", node, f"Ray node {index}",
+                         self.state_dir / f"{name}.log")
         except BaseException:
             self.down()
             raise
@@ -217,12 +234,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dir", type=Path, default=Path(".stack"), help="state, logs and the MLflow database")
     for name, (default, what) in PORTS.items():
         parser.add_argument(f"--{name}-port", type=int, default=default, help=what)
-    parser.add_argument("--num-cpus", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--num-cpus", type=int, default=os.cpu_count() or 1, help="the Ray head's")
+    parser.add_argument("--worker-nodes", type=int, default=0,
+                        help="more Ray nodes on this machine, each a raylet of its own: a multi-node cluster on loopback")
+    parser.add_argument("--worker-node-cpus", type=int, default=1)
     args = parser.parse_args(argv)
     stack = Stack(args.dir)
     if args.action == "up":
         try:
-            state = stack.up({name: getattr(args, f"{name}_port") for name in PORTS}, args.num_cpus)
+            state = stack.up({name: getattr(args, f"{name}_port") for name in PORTS}, args.num_cpus, args.worker_nodes,
+                             args.worker_node_cpus)
         except (RuntimeError, subprocess.CalledProcessError) as error:
             raise SystemExit(f"error: {error}\n(everything it had started is stopped again)") from None
         print(describe(state))

@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import sys
+import urllib.parse
 from pathlib import Path
 
 import ray
@@ -22,6 +23,7 @@ import torch
 
 from pipeline.checkpoints import CHECKPOINTS_KEPT
 from pipeline.config import ConfigError, Params
+from pipeline.remote import redact
 from pipeline.worker import train_loop_per_worker
 
 # A Ray instance started for one run, on one machine, does not need these Ray Train helpers.
@@ -51,21 +53,58 @@ def cluster_address(params: Params) -> str | None:
     return params.ray.address or os.environ.get("RAY_ADDRESS") or None
 
 
-def check_resources(params: Params) -> None:
-    """Fail before Ray starts on a request this machine cannot meet (local runs only)."""
+def is_node_local(uri: str) -> bool:
+    """Whether `uri` names something on the disk of the node that reads it (a folder, a file
+    URI, a sqlite database), not a place every node of a cluster reaches."""
+    return urllib.parse.urlsplit(uri).scheme in ("", "file", "sqlite")
+
+
+def resource_problem(params: Params, tracking_uri: str, *, cluster: str | None, nodes: int,
+                     capacity: dict[str, float]) -> str | None:
+    """What keeps a Ray from running `params`'s training, in one line; None if nothing. The
+    Ray: this machine's (`cluster` None), or the cluster at address `cluster` with `nodes`
+    alive nodes; `capacity`: its resources, with what an autoscaler may add."""
+    train = params.train
+    kind = "GPU" if train.use_gpu else "CPU"
+    have = int(capacity.get(kind, 0))
+    where = f"of the cluster at {cluster}" if cluster else "here"
+    if train.use_gpu and not have:
+        if cluster is None:
+            return "train.use_gpu is true but no CUDA GPU is visible; set it to false or run on a GPU node"
+        return f"train.use_gpu is true but the cluster at {cluster} has no GPU and cannot add one; set it to false"
+    if train.num_workers > have:  # a worker takes one GPU, or one CPU
+        advice = f"use at most {have}" + ("" if cluster else " or set ray.address to a cluster")
+        return f"train.num_workers {train.num_workers} exceeds the {have} {kind}(s) {where}; {advice}"
+    if nodes > 1 and is_node_local(params.ray.storage_path):
+        return (f"ray.storage_path {params.ray.storage_path!r} is a folder on each node, but the cluster at {cluster} "
+                f"has {nodes} nodes: checkpoints written on one would be missing on the others; use storage every "
+                f"node reaches, e.g. s3://bucket/runs")
+    if nodes > 1 and is_node_local(tracking_uri):
+        return (f"mlflow.tracking_uri {redact(tracking_uri)} is a database on each node, but the cluster at {cluster} "
+                f"has {nodes} nodes: workers elsewhere would log to databases of their own; use an MLflow server, "
+                f"e.g. http://host:5000")
+    return None
+
+
+def check_resources(params: Params, tracking_uri: str) -> None:
+    """Fail in one line, before any work, on a run that the Ray it would run on cannot take:
+    this machine's, or the cluster it joins (joined here for the purpose: a second or so)."""
     if cluster_address(params):
-        return
-    cpus = os.cpu_count() or 1
-    if params.train.use_gpu and not torch.cuda.is_available():
-        raise ConfigError("train.use_gpu is true but no CUDA GPU is visible; set it to false or run on a GPU node")
-    gpus = torch.cuda.device_count()
-    if params.train.use_gpu and params.train.num_workers > gpus:
-        raise ConfigError(f"train.num_workers {params.train.num_workers} exceeds the {gpus} GPU(s) here")
-    if not params.train.use_gpu and params.train.num_workers > cpus:
-        raise ConfigError(
-            f"train.num_workers {params.train.num_workers} exceeds the {cpus} CPU(s) here; "
-            f"use at most {cpus} or set ray.address to a cluster"
-        )
+        start_ray(params)
+        found = {"cluster": ray.get_runtime_context().gcs_address, "capacity": cluster_capacity(),
+                 "nodes": sum(node["Alive"] for node in ray.nodes())}
+    else:
+        found = {"cluster": None, "nodes": 1, "capacity": {"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count()}}
+    if problem := resource_problem(params, tracking_uri, **found):
+        raise ConfigError(problem)
+
+
+def cluster_capacity() -> dict[str, float]:
+    """The resources of the joined cluster's nodes, or, where an autoscaler may add nodes, the
+    most its node groups allow (read as Ray Train reads it before it asks for workers)."""
+    now = ray.cluster_resources()
+    most = ray._private.state.state.get_max_resources_from_cluster_config() or {}
+    return {key: max(now.get(key, 0), most.get(key, 0)) for key in now.keys() | most.keys()}
 
 
 def start_ray(params: Params, *, sweep: bool = False) -> None:

@@ -9,12 +9,12 @@ import shlex
 from typing import Any
 
 import optuna
-import ray
 from pydantic import BaseModel
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from pipeline.cluster import cluster_capacity
 from pipeline.config import ConfigError, Params, TuneSection, deep_merge, flatten_mapping, overlay_for, parse_params
 from resattn.model import CONFIG_FIELDS
 
@@ -104,12 +104,12 @@ def reproduce_command(resolved: dict, assignments: list[str], layer: dict) -> st
 
 
 def concurrent_trials(params: Params) -> int:
-    """Trials that fit the cluster at once. The trial functions ask for no CPU (their Train
-    workers hold the resources), so Tune alone would start every trial and leave most of them
-    queueing for workers, and TPE would learn nothing from finished trials."""
+    """Trials that fit the cluster at once, counting the nodes an autoscaler may add (a GPU
+    cluster that scales from zero GPU workers still fans out). The trial functions ask for no
+    CPU (their Train workers hold the resources), so Tune alone would start every trial and
+    leave most of them queueing for workers, and TPE would learn nothing from finished trials."""
     resource = "GPU" if params.train.use_gpu else "CPU"
-    available = int(ray.cluster_resources().get(resource, 0))
-    return max(1, available // params.tune.workers_per_trial)
+    return max(1, int(cluster_capacity().get(resource, 0)) // params.tune.workers_per_trial)
 
 
 def build_tuner(trainable, params: Params, storage_path: str) -> tune.Tuner:

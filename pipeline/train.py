@@ -60,11 +60,11 @@ def fit(params: Params, data: tuple, tracking_uri: str, run_id: str, run_name: s
 
 
 def train(params: Params) -> None:
-    check_resources(params)
+    tracking_uri = resolve_tracking_uri(params.mlflow.tracking_uri)
     check_run_services(params)
+    check_resources(params, tracking_uri)
     prepared = Path(params.data.prepared_dir).resolve()
     data, data_hash = load_prepared(prepared)
-    tracking_uri = resolve_tracking_uri(params.mlflow.tracking_uri)
     storage_path = resolve_storage_path(params)
     run_name = f"{params.ray.run_name}-{run_identity(params, data_hash)}"
     counts = {"train": len(data[0].labels), "val": len(data[1].labels)}

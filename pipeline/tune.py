@@ -34,7 +34,7 @@ from ray import tune
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 
 from pipeline.checkpoints import load_checkpoint_state, save_trained_model
-from pipeline.cluster import build_trainer, resolve_storage_path, start_ray
+from pipeline.cluster import build_trainer, check_resources, resolve_storage_path, start_ray
 from pipeline.common import StageError, change_to_root
 from pipeline.config import DEFAULT_PARAMS, ConfigError, parse_params, resolve
 from pipeline.evaluate import evaluate_model
@@ -82,10 +82,12 @@ def sweep(params_path: Path = DEFAULT_PARAMS, assignments: list[str] = ()) -> di
     params = parse_params(raw, str(params_path))
     validate_space(raw, params)
     settings = params.tune
+    tracking_uri = resolve_tracking_uri(params.mlflow.tracking_uri)
     check_run_services(params)
+    # Each trial asks of the cluster what a training run with the sweep's layer asks.
+    check_resources(parse_params(trial_raw(raw, {}, settings), "the trial params"), tracking_uri)
     prepared = Path(params.data.prepared_dir).resolve()
     data, data_hash = load_prepared(prepared)  # sweeps reuse the pipeline's arrays
-    tracking_uri = resolve_tracking_uri(params.mlflow.tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
     lineage = lineage_tags()

@@ -53,6 +53,17 @@ def use_reserved_cpus() -> int:
     return threads
 
 
+def nodes_spanned() -> int:
+    """How many Ray nodes the worker group runs on. (Ray Train's local ranks count machines by
+    IP address, so the nodes of a cluster on one machine would be one.)"""
+    node = ray.get_runtime_context().get_node_id()
+    if not torch.distributed.is_initialized():
+        return 1
+    every = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(every, node)
+    return len(set(every))
+
+
 def optimizer_and_scheduler(model: nn.Module, train: TrainConfig, steps_per_epoch: int
                             ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """The optimizer and the per-step learning-rate schedule of `train`, its epochs turned into
@@ -121,9 +132,10 @@ def train_loop_per_worker(config: dict) -> None:
             print(f"resuming from the checkpoint of epoch {start_epoch}", flush=True)
 
     total_images = steps_per_epoch * per_worker_batch * world_size
+    nodes = nodes_spanned()
     if rank == 0:
-        print(f"{world_size} worker(s) x {threads} CPU thread(s) on {device.type}; {total_images:,} training images "
-              f"per epoch in batches of {per_worker_batch * world_size}", flush=True)
+        print(f"{world_size} worker(s) x {threads} CPU thread(s) on {device.type}, on {nodes} node(s); "
+              f"{total_images:,} training images per epoch in batches of {per_worker_batch * world_size}", flush=True)
     sampling = rank == 0 and start_system_metrics(config["tracking_uri"], config["run_id"])
     try:
         for epoch in range(start_epoch, train_cfg.epochs):

@@ -1,12 +1,14 @@
 """Fixtures the tests share: small datasets in the real CIFAR-10 format, a real S3-compatible
-server, and a project in a temporary git + DVC repository (plain helpers: tests/helpers.py);
-and how the tests share the machine when pytest-xdist runs them in parallel (pyproject.toml)."""
+server, a project in a temporary git + DVC repository and a prepared one for sweeps (plain
+helpers: tests/helpers.py); and how the tests share the machine when pytest-xdist runs them in
+parallel (pyproject.toml)."""
 
 from __future__ import annotations
 
 import collections
 import fcntl
 import shutil
+import subprocess
 import sys
 import tempfile
 import urllib.request
@@ -15,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import ROOT, free_port, run, synthetic_split
+from helpers import ROOT, free_port, run, shipped_params, stage_env, synthetic_split
 from resattn.cifar10 import write_cifar_format
 
 
@@ -86,6 +88,34 @@ def project(tmp_path_factory) -> Path:
     run(["git", "add", "-A"], repo)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "project"], repo)
     return repo
+
+
+@pytest.fixture(scope="module")
+def sweep_project(tmp_path_factory) -> Path:
+    """A directory with prepared small CIFAR-format data and a tiny sweep's params, all paths
+    absolute so a Ray job's working directory can use them too."""
+    root = tmp_path_factory.mktemp("sweep")
+    source = root / "source" / "cifar-10-batches-py"
+    checksums = write_cifar_format(source, synthetic_split(300, 0), synthetic_split(100, 1))
+    (root / "small.md5").write_text("".join(f"{digest}  {name}\n" for name, digest in checksums.items()))
+    raw = shipped_params()
+    raw["data"] |= {"source": str(source), "checksums": str(root / "small.md5"), "validation_size": 60,
+                    "raw_dir": str(root / "data/raw"), "prepared_dir": str(root / "data/prepared")}
+    raw["model"] = {"preset": "attention56_tiny", "overrides": {}}
+    raw["train"] |= {"batch_size": 32, "num_workers": 1, "eval_batch_size": 100}
+    raw["train"]["schedule"] = {"name": "onecycle", "warmup_epochs": 0.5}
+    raw["evaluate"] |= {"mask_images": 2, "batch_size": 50}
+    raw["mlflow"]["tracking_uri"] = f"sqlite:///{root / 'mlflow.db'}"
+    raw["ray"]["storage_path"] = str(root / "ray_results")
+    # One trial at a time: the trial order, and so ASHA's decisions, are fixed by the seed.
+    raw["tune"] = {"name": "tiny", "num_samples": 3, "seed": 0, "max_epochs": 3, "grace_period": 1,
+                   "reduction_factor": 2, "workers_per_trial": 1, "max_concurrent_trials": 1,
+                   "space": {"train.optimizer.lr": {"loguniform": [1e-5, 0.3]}, "model.overrides.r": {"choice": [1, 2]}}}
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    for stage in ("fetch", "preprocess"):  # as a user runs them, in the project directory
+        subprocess.run([sys.executable, "-m", f"pipeline.{stage}"], cwd=root, check=True, capture_output=True,
+                       env=stage_env() | {"PYTHONPATH": str(ROOT)})
+    return root
 
 
 # --------------------------------------------------------------------------------------------

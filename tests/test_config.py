@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from pipeline.config import ConfigError, compose, load_params, parse_params, render
-from pipeline.cluster import check_resources
+from pipeline.cluster import check_resources, resource_problem
 from pipeline.search import trial_raw
 from helpers import ROOT, run, shipped_params
 
@@ -77,11 +77,51 @@ def test_requests_this_machine_cannot_meet_fail_before_ray_starts():
     raw["train"]["num_workers"] = 64
     raw["train"]["batch_size"] = 128
     with pytest.raises(ConfigError, match="train.num_workers 64 exceeds the .* CPU"):
-        check_resources(parse_params(raw))
+        check_resources(parse_params(raw), "sqlite:///mlflow.db")
     raw = shipped_params()
     raw["train"]["use_gpu"] = True
     with pytest.raises(ConfigError, match="train.use_gpu is true but no CUDA GPU is visible"):
-        check_resources(parse_params(raw))
+        check_resources(parse_params(raw), "sqlite:///mlflow.db")
+
+
+CLUSTER = "10.0.0.1:6379"
+
+
+@pytest.mark.parametrize(
+    ("train", "ray", "tracking_uri", "nodes", "capacity", "expected"),
+    [
+        # One node: its own disk is shared storage enough.
+        ({}, {}, "sqlite:////p/mlflow.db", 1, {"CPU": 4}, None),
+        ({}, {}, "http://mlflow:5000", 3, {"CPU": 4},
+         "ray.storage_path 'ray_results' is a folder on each node, but the cluster at 10.0.0.1:6379 has 3 nodes"),
+        ({}, {"storage_path": "file:///shared/runs"}, "http://mlflow:5000", 3, {"CPU": 4}, "is a folder on each node"),
+        ({}, {"storage_path": "s3://b/runs"}, "sqlite:////p/mlflow.db", 3, {"CPU": 4},
+         "mlflow.tracking_uri sqlite:////p/mlflow.db is a database on each node, but the cluster at 10.0.0.1:6379 has 3"),
+        ({}, {"storage_path": "s3://b/runs"}, "http://mlflow:5000", 3, {"CPU": 4}, None),
+        ({}, {"storage_path": "gs://b/runs"}, "postgresql://u:secret@db/mlflow", 3, {"CPU": 4}, None),
+        ({"num_workers": 4, "batch_size": 128}, {}, "sqlite:////p/mlflow.db", 1, {"CPU": 2},
+         "train.num_workers 4 exceeds the 2 CPU(s) of the cluster at 10.0.0.1:6379; use at most 2"),
+        # GPUs are counted on the cluster (an autoscaler's included), never on the driver's machine.
+        ({"use_gpu": True, "num_workers": 8, "batch_size": 128}, {}, "sqlite:////p/mlflow.db", 1,
+         {"CPU": 2, "GPU": 8}, None),
+        ({"use_gpu": True}, {}, "sqlite:////p/mlflow.db", 1, {"CPU": 64},
+         "train.use_gpu is true but the cluster at 10.0.0.1:6379 has no GPU and cannot add one"),
+    ],
+)
+def test_a_cluster_refuses_in_one_line_what_it_cannot_run(train, ray, tracking_uri, nodes, capacity, expected):
+    raw = shipped_params()
+    raw["train"] |= train
+    raw["ray"] |= ray
+    problem = resource_problem(parse_params(raw), tracking_uri, cluster=CLUSTER, nodes=nodes, capacity=capacity)
+    assert problem == expected if expected is None else expected in problem
+
+
+def test_a_tracking_password_stays_out_of_the_cluster_check():
+    raw = shipped_params()
+    raw["ray"]["storage_path"] = "s3://b/runs"
+    problem = resource_problem(parse_params(raw), "file://alice:secret@host/p/mlruns", cluster=CLUSTER, nodes=2,
+                               capacity={"CPU": 4})
+    assert "mlflow.tracking_uri file://host/p/mlruns is a database on each node" in problem and "secret" not in problem
 
 
 def test_missing_params_file(tmp_path):

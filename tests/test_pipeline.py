@@ -27,7 +27,7 @@ def test_dvc_repro_runs_every_stage_registers_a_model_and_then_is_a_no_op(projec
         assert f"Running stage '{stage}'" in first.stdout
     console = first.stdout + first.stderr
     assert "epoch 2/2: train loss" in console  # the workers' progress reaches the console
-    assert "2 worker(s) x 1 CPU thread(s)" in console  # each worker runs the CPUs Ray gave it
+    assert "2 worker(s) x 1 CPU thread(s) on cpu, on 1 node(s)" in console  # each runs the CPUs Ray gave it
     # A person reads this: no escape codes in a pipe, no Ray or MLflow chatter at INFO.
     assert "\x1b[" not in console
     for chatter in ("Reporting training result", "Started a local Ray instance", "Token authentication is enabled",
