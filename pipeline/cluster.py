@@ -72,9 +72,10 @@ def resource_problem(params: Params, tracking_uri: str, *, cluster: str | None, 
         if cluster is None:
             return "train.use_gpu is true but no CUDA GPU is visible; set it to false or run on a GPU node"
         return f"train.use_gpu is true but the cluster at {cluster} has no GPU and cannot add one; set it to false"
-    if train.num_workers > have:  # a worker takes one GPU, or one CPU
+    fewest, most = train.worker_range
+    if fewest > have:  # a worker takes one GPU, or one CPU; an elastic group starts with its fewest
         advice = f"use at most {have}" + ("" if cluster else " or set ray.address to a cluster")
-        return f"train.num_workers {train.num_workers} exceeds the {have} {kind}(s) {where}; {advice}"
+        return f"train.num_workers {train.workers_text} exceeds the {have} {kind}(s) {where}; {advice}"
     if nodes > 1 and is_node_local(params.ray.storage_path):
         return (f"ray.storage_path {params.ray.storage_path!r} is a folder on each node, but the cluster at {cluster} "
                 f"has {nodes} nodes: checkpoints written on one would be missing on the others; use storage every "
@@ -163,12 +164,15 @@ def resolve_storage_path(params: Params) -> str:
 def build_trainer(params: Params, data: ray.ObjectRef, tracking_uri: str, run_id: str, *, name: str,
                   storage_path: str, callbacks: list | None = None) -> ray.train.torch.TorchTrainer:
     """The one TorchTrainer of the pipeline, for a training run and for each sweep trial: the
-    worker loop on `train.num_workers` workers, with the prepared arrays in the object store,
-    logging to MLflow run `run_id`."""
+    worker loop on `train.num_workers` workers (a fixed group, or an elastic range), with the
+    prepared arrays in the object store, logging to MLflow run `run_id`."""
+    fewest, most = params.train.worker_range
     return ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"params": params.model_dump(), "data": data, "tracking_uri": tracking_uri, "run_id": run_id},
-        scaling_config=ray.train.ScalingConfig(num_workers=params.train.num_workers, use_gpu=params.train.use_gpu),
+        scaling_config=ray.train.ScalingConfig(num_workers=most if fewest == most else (fewest, most),
+                                               use_gpu=params.train.use_gpu,
+                                               elastic_resize_monitor_interval_s=params.train.elastic_resize_seconds),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage_path,

@@ -19,6 +19,7 @@ allowed (ConfigError, one message for all problems).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -108,7 +109,11 @@ class TrainConfig(Section):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     seed: int = Field(0, ge=0)
     train_subset: int = Field(0, ge=0, description="0: every training image")
-    num_workers: int = Field(2, ge=1)
+    num_workers: int | list[int] = Field(
+        2, description="a count, or [fewest, most]: an elastic group that goes on with fewer workers when a node is "
+                       "lost and grows back when capacity returns")
+    elastic_resize_seconds: float = Field(60.0, gt=0, description="how often an elastic run looks for capacity to "
+                                                                  "grow into (Ray Train's default)")
     use_gpu: bool = False
     mixed_precision: bool = True
     channels_last: bool = False
@@ -117,14 +122,36 @@ class TrainConfig(Section):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
 
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        """(fewest, most) workers; the same twice for a fixed group."""
+        if isinstance(self.num_workers, int):
+            return self.num_workers, self.num_workers
+        fewest, most = self.num_workers
+        return fewest, most
+
+    @property
+    def workers_text(self) -> str:
+        fewest, most = self.worker_range
+        return str(most) if fewest == most else f"{fewest} to {most}"
+
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainConfig:
-        if self.batch_size % self.num_workers:
+        # The batch rule: batch_size is global, the same for any number of workers, so that an
+        # elastic run that loses or regains workers keeps its learning rate and schedule.
+        if isinstance(self.num_workers, list) and len(self.num_workers) != 2:
+            raise ValueError(f"num_workers {self.num_workers} must be a count or [fewest, most]")
+        fewest, most = self.worker_range
+        if not 1 <= fewest <= most:
+            raise ValueError(f"num_workers {self.num_workers} must be at least 1, and fewest <= most")
+        counts = range(fewest, most + 1)
+        if any(self.batch_size % count for count in counts):
+            multiple = math.lcm(*counts)
             raise ValueError(
-                f"batch_size {self.batch_size} does not split evenly over num_workers "
-                f"{self.num_workers}; use a multiple of {self.num_workers}"
+                f"batch_size {self.batch_size} does not split evenly over num_workers {self.workers_text}; "
+                f"use a multiple of {multiple}"
             )
-        if self.batch_size // self.num_workers < 2:
+        if self.batch_size // most < 2:
             raise ValueError("each worker needs at least 2 images per batch (batch norm)")
         if self.schedule.name == "step" and self.schedule.milestones[-1] >= self.epochs:
             raise ValueError(f"the last milestone {self.schedule.milestones[-1]} is not before epoch {self.epochs}")

@@ -38,7 +38,9 @@ HISTORY_FILE = Path("reports/train_history.csv")
 
 def run_identity(params: Params, data_hash: str) -> str:
     """Stable name for a training run: same params and data, same name, so a rerun resumes."""
-    shaping = {"model": params.model.model_dump(), "train": params.train.model_dump(), "data": data_hash}
+    # How often an elastic run looks for capacity does not shape it: changing it keeps the run.
+    shaping = {"model": params.model.model_dump(), "data": data_hash,
+               "train": params.train.model_dump(exclude={"elastic_resize_seconds"})}
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -69,7 +71,7 @@ def train(params: Params) -> None:
     run_name = f"{params.ray.run_name}-{run_identity(params, data_hash)}"
     counts = {"train": len(data[0].labels), "val": len(data[1].labels)}
     run_id = open_training_run(params, tracking_uri, run_name, prepared, data_hash, counts)
-    print(f"training run {run_name} (MLflow run {run_id}) on {params.train.num_workers} worker(s)", flush=True)
+    print(f"training run {run_name} (MLflow run {run_id}) on {params.train.workers_text} worker(s)", flush=True)
 
     try:
         state = latest_state(storage_path, run_name)

@@ -171,6 +171,7 @@ def train_loop_per_worker(config: dict) -> None:
                 "val_accuracy": val_correct / val_count,
                 "lr": lr,
                 "images_per_second": result.images_per_second,  # images summed over workers
+                "workers": world_size,  # an elastic run's may change from one epoch to the next
                 "epoch_seconds": result.seconds,
             }
             history.append(metrics)

@@ -108,3 +108,19 @@ def recorded_checkpoint(storage: Path, run_name: str) -> Path:
     """The folder of the checkpoint Ray Train resumes from (a newer one may be half-registered)."""
     latest = _latest_recorded(storage, run_name)
     return latest["run_dir"] / latest["checkpoint_dir_name"]
+
+
+def params_variant(project: Path, name: str, **sections: dict) -> str:
+    """`project`'s params.yaml with `sections` updated, written as <name>.yaml; its file name."""
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    for section, values in sections.items():
+        raw[section] |= values
+    (project / f"{name}.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    return f"{name}.yaml"
+
+
+def train_on_the_stack(stack: dict, project: Path, params_file: str) -> subprocess.CompletedProcess:
+    """The train stage run in `project` with the local stack's settings in its environment."""
+    return subprocess.run([sys.executable, "-m", "pipeline.train", "--params", params_file], cwd=project,
+                          env=stage_env() | stack["env"] | {"PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                          timeout=600)

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 import urllib.parse
-from pathlib import Path
 
 import boto3
 import psutil
@@ -22,33 +21,11 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from helpers import ROOT, free_port, kill_session, local_stack, session_processes, stage_env
+from helpers import ROOT, kill_session, params_variant, stage_env, train_on_the_stack
 
 pytestmark = pytest.mark.slow
 
 
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    state_dir = tmp_path_factory.mktemp("stack")
-    command = [sys.executable, str(ROOT / "infra" / "local_stack.py")]
-    # No CPU on the head: every Train worker runs on one of the two other nodes, one each.
-    options = ["--dir", str(state_dir), "--num-cpus", "0", "--worker-nodes", "2", "--worker-node-cpus", "1"]
-    for name in local_stack.PORTS:  # none of Ray's defaults: another Ray may hold them
-        options += [f"--{name}-port", str(free_port())]
-    up = subprocess.run(command + ["up"] + options, env=stage_env(), capture_output=True, text=True, timeout=300)
-    assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-4000:]
-    state = json.loads((state_dir / "stack.json").read_text())
-    try:
-        yield state
-    finally:
-        down = subprocess.run(command + ["down"] + options, env=stage_env(), capture_output=True, text=True, timeout=300)
-        assert down.returncode == 0, down.stderr[-3000:]
-        assert not any(session_processes(session) for session in state["sessions"].values())
-        # Every Ray process names its temp dir on its command line: none may outlive `down`.
-        left = [p.pid for p in psutil.process_iter(["cmdline"]) if state["ray_temp_dir"] in " ".join(p.info["cmdline"] or [])]
-        assert not left, left
 
 
 def stack_overrides(state: dict) -> list[str]:
@@ -152,20 +129,6 @@ def test_a_sweep_on_the_stack_killed_mid_way_is_restored_by_a_ray_job_from_s3(sw
     assert loaded.stdout.strip().splitlines()[-1] == "(3, 10)"
 
 
-def write_params(project: Path, name: str, **sections: dict) -> str:
-    raw = yaml.safe_load((project / "params.yaml").read_text())
-    for section, values in sections.items():
-        raw[section] |= values
-    (project / f"{name}.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    return f"{name}.yaml"
-
-
-def train_on_the_stack(stack: dict, project: Path, params_file: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.train", "--params", params_file], cwd=project,
-                          env=stage_env() | stack["env"] | {"PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
-                          timeout=600)
-
-
 def test_the_train_stage_refuses_node_local_storage_or_tracking_on_a_multi_node_cluster(sweep_project, stack):
     storage = f"s3://{stack['buckets']['ray']}/runs"
     for name, ray_settings, mlflow_settings, expected in [
@@ -175,7 +138,7 @@ def test_the_train_stage_refuses_node_local_storage_or_tracking_on_a_multi_node_
          f"error: mlflow.tracking_uri sqlite:///{sweep_project / 'mlflow.db'} is a database on each node, but the "
          f"cluster at "),
     ]:
-        result = train_on_the_stack(stack, sweep_project, write_params(sweep_project, name, ray=ray_settings,
+        result = train_on_the_stack(stack, sweep_project, params_variant(sweep_project, name, ray=ray_settings,
                                                                         mlflow=mlflow_settings))
         assert result.returncode == 1, (name, result.stdout[-2000:], result.stderr[-3000:])
         errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
@@ -184,7 +147,7 @@ def test_the_train_stage_refuses_node_local_storage_or_tracking_on_a_multi_node_
 
 
 def test_a_training_run_on_the_stack_puts_a_worker_on_each_of_two_nodes(sweep_project, stack):
-    params_file = write_params(
+    params_file = params_variant(
         sweep_project, "two-nodes", train={"num_workers": 2, "epochs": 2},
         ray={"address": "auto", "storage_path": f"s3://{stack['buckets']['ray']}/runs", "run_name": "two-nodes"},
         mlflow={"tracking_uri": stack["mlflow_tracking_uri"]})

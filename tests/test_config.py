@@ -53,6 +53,12 @@ def test_params_yaml_is_what_dvc_composes_from_conf():
         ({"train": {"epochs": "ten"}}, "train.epochs: Input should be a valid integer"),
         ({"train": {"lerning_rate": 0.1}}, "train.lerning_rate: unknown key (a typo?)"),
         ({"train": {"batch_size": 127}}, "batch_size 127 does not split evenly over num_workers 2"),
+        # An elastic group keeps the global batch for any count in its range.
+        ({"train": {"num_workers": [2, 4], "batch_size": 16}},
+         "batch_size 16 does not split evenly over num_workers 2 to 4; use a multiple of 12"),
+        ({"train": {"num_workers": [3, 1]}}, "num_workers [3, 1] must be at least 1, and fewest <= most"),
+        ({"train": {"num_workers": [1, 2, 3]}}, "num_workers [1, 2, 3] must be a count or [fewest, most]"),
+        ({"train": {"num_workers": 0}}, "num_workers 0 must be at least 1"),
         ({"data": {"source": ""}}, "data.source: String should have at least 1 character"),
     ],
 )
@@ -101,6 +107,10 @@ CLUSTER = "10.0.0.1:6379"
         ({}, {"storage_path": "gs://b/runs"}, "postgresql://u:secret@db/mlflow", 3, {"CPU": 4}, None),
         ({"num_workers": 4, "batch_size": 128}, {}, "sqlite:////p/mlflow.db", 1, {"CPU": 2},
          "train.num_workers 4 exceeds the 2 CPU(s) of the cluster at 10.0.0.1:6379; use at most 2"),
+        # An elastic group starts with its fewest workers and grows as the cluster does.
+        ({"num_workers": [2, 4], "batch_size": 120}, {}, "sqlite:////p/mlflow.db", 1, {"CPU": 2}, None),
+        ({"num_workers": [3, 4], "batch_size": 12}, {}, "sqlite:////p/mlflow.db", 1, {"CPU": 2},
+         "train.num_workers 3 to 4 exceeds the 2 CPU(s) of the cluster at 10.0.0.1:6379; use at most 2"),
         # GPUs are counted on the cluster (an autoscaler's included), never on the driver's machine.
         ({"use_gpu": True, "num_workers": 8, "batch_size": 128}, {}, "sqlite:////p/mlflow.db", 1,
          {"CPU": 2, "GPU": 8}, None),
