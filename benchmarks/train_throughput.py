@@ -100,8 +100,8 @@ def data_path_rates(images_nhwc, labels, images_nchw, norm, args) -> tuple[float
     started = time.perf_counter()
     count = sum(len(y) for _, y in loader)
     reference = count / (time.perf_counter() - started)
-    generator = torch.Generator().manual_seed(0)
     images_nchw = images_nchw.to(args.device)
+    generator = torch.Generator(device=args.device).manual_seed(0)  # offsets drawn where the images are
     synchronize(args.device)
     started = time.perf_counter()
     for start in range(0, len(images_nchw), args.batch_size):

@@ -5,6 +5,10 @@ artifacts and a Ray head, all on 127.0.0.1.
     python infra/local_stack.py env     # the same settings again, as `export` lines
     python infra/local_stack.py down    # stop all of it; no process is left behind
 
+With `up --worker-nodes N`, more Ray nodes join the head (a multi-node cluster on loopback);
+`kill-node --node I` takes node I away at once, as a reclaimed spot instance goes, and
+`start-node --node I` brings it back.
+
 Each service runs in its own process session, recorded in .stack/stack.json; `down` ends
 exactly those sessions (TERM, then KILL after a grace period) and nothing else on the
 machine. The S3 server is moto's server mode (in memory: its data lives as long as it does);
@@ -99,12 +103,17 @@ def stop_processes(processes: list[psutil.Process]) -> None:
         except psutil.NoSuchProcess:
             pass
     _, alive = psutil.wait_procs(processes, timeout=STOP_GRACE)
-    for process in alive:
+    kill_processes(alive)
+
+
+def kill_processes(processes: list[psutil.Process]) -> None:
+    """SIGKILL, and wait for them to be gone."""
+    for process in processes:
         try:
             process.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(alive, timeout=10)
+    psutil.wait_procs(processes, timeout=10)
 
 
 def stop_session(session_id: int) -> None:
@@ -159,6 +168,7 @@ class Stack:
             "ray_dashboard": f"http://127.0.0.1:{ports['dashboard']}",
             # Ray's socket paths must stay under 107 bytes: a short folder of its own.
             "ray_temp_dir": tempfile.mkdtemp(prefix="ray-stack-", dir="/tmp"),
+            "worker_nodes": worker_nodes, "worker_node_cpus": worker_node_cpus,
         }
         child_env = os.environ | env | {"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
         try:
@@ -185,19 +195,34 @@ class Stack:
             wait_for(f"http://127.0.0.1:{ports['agent']}/api/healthz", ray, "the Ray head's job agent",
                      self.state_dir / "ray.log")
             for index in range(1, worker_nodes + 1):
-                name, agent_port = f"ray-node-{index}", _free_port()
-                node = self._start(state, name, [
-                    str(BIN / "ray"), "start", "--block", f"--address=127.0.0.1:{ports['ray']}",
-                    "--node-ip-address=127.0.0.1", f"--num-cpus={worker_node_cpus}",
-                    f"--dashboard-agent-listen-port={agent_port}", "--disable-usage-stats",
-                ], child_env)
-                # A node's agent starts once its raylet has joined the cluster.
-                wait_for(f"http://127.0.0.1:{agent_port}/api/healthz", node, f"Ray node {index}",
-                         self.state_dir / f"{name}.log")
+                self.start_node(state, index)
         except BaseException:
             self.down()
             raise
         return state
+
+    def start_node(self, state: dict, index: int) -> None:
+        """Start Ray node `index` (1-based) of the stack: a raylet of its own that joins the head."""
+        name, agent_port = f"ray-node-{index}", _free_port()
+        if name in state["sessions"] and session_processes(state["sessions"][name]):
+            raise SystemExit(f"error: Ray node {index} is running")
+        child_env = os.environ | state["env"] | {"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+        node = self._start(state, name, [
+            str(BIN / "ray"), "start", "--block", f"--address={state['env']['RAY_ADDRESS']}",
+            "--node-ip-address=127.0.0.1", f"--num-cpus={state['worker_node_cpus']}",
+            f"--dashboard-agent-listen-port={agent_port}", "--disable-usage-stats",
+        ], child_env)
+        # A node's agent starts once its raylet has joined the cluster.
+        wait_for(f"http://127.0.0.1:{agent_port}/api/healthz", node, f"Ray node {index}", self.state_dir / f"{name}.log")
+
+    def kill_node(self, state: dict, index: int) -> None:
+        """SIGKILL every process of Ray node `index` at once (its raylet, agents and workers), the
+        way a reclaimed spot instance vanishes: nothing is told, the head finds out."""
+        name = f"ray-node-{index}"
+        processes = session_processes(state["sessions"].get(name, -1))
+        if not processes:
+            raise SystemExit(f"error: Ray node {index} is not running")
+        kill_processes(processes)
 
     def down(self) -> list[str]:
         state = self.load()
@@ -230,7 +255,7 @@ def describe(state: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=["up", "down", "env"])
+    parser.add_argument("action", choices=["up", "down", "env", "kill-node", "start-node"])
     parser.add_argument("--dir", type=Path, default=Path(".stack"), help="state, logs and the MLflow database")
     for name, (default, what) in PORTS.items():
         parser.add_argument(f"--{name}-port", type=int, default=default, help=what)
@@ -238,6 +263,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--worker-nodes", type=int, default=0,
                         help="more Ray nodes on this machine, each a raylet of its own: a multi-node cluster on loopback")
     parser.add_argument("--worker-node-cpus", type=int, default=1)
+    parser.add_argument("--node", type=int, default=1,
+                        help="which Ray node (1 to --worker-nodes) kill-node takes away, as a lost spot instance "
+                             "goes, and start-node brings back")
     args = parser.parse_args(argv)
     stack = Stack(args.dir)
     if args.action == "up":
@@ -254,7 +282,20 @@ def main(argv: list[str] | None = None) -> None:
         state = stack.load()
         if state is None:
             raise SystemExit(f"error: no stack in {stack.state_dir}; start one with: python {__file__} up")
-        print(describe(state))
+        if args.action == "env":
+            print(describe(state))
+            return
+        if not 1 <= args.node <= state["worker_nodes"]:
+            raise SystemExit(f"error: --node {args.node}: the stack has Ray nodes 1 to {state['worker_nodes']} "
+                             f"(up --worker-nodes N)")
+        if args.action == "kill-node":
+            stack.kill_node(state, args.node)
+        else:
+            try:
+                stack.start_node(state, args.node)
+            except RuntimeError as error:
+                raise SystemExit(f"error: {error}") from None
+        print(f"Ray node {args.node}: {'killed' if args.action == 'kill-node' else 'started'}", file=sys.stderr)
 
 
 if __name__ == "__main__":

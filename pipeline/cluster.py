@@ -73,7 +73,7 @@ def resource_problem(params: Params, tracking_uri: str, *, cluster: str | None, 
             return "train.use_gpu is true but no CUDA GPU is visible; set it to false or run on a GPU node"
         return f"train.use_gpu is true but the cluster at {cluster} has no GPU and cannot add one; set it to false"
     fewest, most = train.worker_range
-    if fewest > have:  # a worker takes one GPU, or one CPU; an elastic group starts with its fewest
+    if fewest * (train.gpus_per_worker if train.use_gpu else 1) > have:  # an elastic group starts with its fewest
         advice = f"use at most {have}" + ("" if cluster else " or set ray.address to a cluster")
         return f"train.num_workers {train.workers_text} exceeds the {have} {kind}(s) {where}; {advice}"
     if nodes > 1 and is_node_local(params.ray.storage_path):
@@ -153,12 +153,43 @@ def start_ray(params: Params, *, sweep: bool = False) -> None:
         **({"num_cpus": os.cpu_count(), "include_dashboard": dashboard, "dashboard_host": "127.0.0.1",
             "dashboard_port": dashboard_port} if local else {}),
     )
+    if not local:
+        release_orphaned_placement_groups()
+
+
+def release_orphaned_placement_groups() -> None:
+    """Remove the placement groups that jobs which have ended left on the joined cluster, saying
+    what that frees. A non-detached placement group must end with its job, but Ray 2.60 kept one
+    alive, holding a CPU forever, when a sweep's driver was killed with a trial starting: every
+    later run that needed that CPU waited for it without end (RELIABILITY.md). Needs the
+    cluster's dashboard (Ray's state API); without one, nothing is touched."""
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+    from ray.util.state import list_jobs, list_placement_groups
+    from ray.util.state.exception import RayStateApiException
+
+    try:
+        ended = {job.job_id for job in list_jobs(limit=10_000) if job.job_id and job.status.is_terminal()}
+        orphans = [group for group in list_placement_groups(detail=True, limit=10_000, raise_on_missing_output=False)
+                   if group.state != "REMOVED" and not group.is_detached and group.creator_job_id in ended]
+    except RayStateApiException:
+        return
+    for group in orphans:
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group.placement_group_id))))
+    if orphans:
+        cpus = sum(bundle.get("unit_resources", {}).get("CPU", 0) for group in orphans for bundle in group.bundles)
+        print(f"released {len(orphans)} placement group(s) that ended jobs had left on the cluster "
+              f"({cpus:g} CPU(s))", flush=True)
 
 
 def resolve_storage_path(params: Params) -> str:
     """Ray storage for checkpoints and run state: a URI as given, a local path made absolute."""
     path = params.ray.storage_path
     return path if "://" in path else str(Path(path).resolve())
+
+
+def worker_resources(params: Params) -> dict[str, float]:
+    """What one Train worker holds: a CPU, and with `train.use_gpu` a GPU or a share of one."""
+    return {"CPU": 1, "GPU": params.train.gpus_per_worker} if params.train.use_gpu else {"CPU": 1}
 
 
 def build_trainer(params: Params, data: ray.ObjectRef, tracking_uri: str, run_id: str, *, name: str,
@@ -171,7 +202,7 @@ def build_trainer(params: Params, data: ray.ObjectRef, tracking_uri: str, run_id
         train_loop_per_worker,
         train_loop_config={"params": params.model_dump(), "data": data, "tracking_uri": tracking_uri, "run_id": run_id},
         scaling_config=ray.train.ScalingConfig(num_workers=most if fewest == most else (fewest, most),
-                                               use_gpu=params.train.use_gpu,
+                                               use_gpu=params.train.use_gpu, resources_per_worker=worker_resources(params),
                                                elastic_resize_monitor_interval_s=params.train.elastic_resize_seconds),
         run_config=ray.train.RunConfig(
             name=name,

@@ -115,8 +115,12 @@ class TrainConfig(Section):
     elastic_resize_seconds: float = Field(60.0, gt=0, description="how often an elastic run looks for capacity to "
                                                                   "grow into (Ray Train's default)")
     use_gpu: bool = False
-    mixed_precision: bool = True
+    gpus_per_worker: float = Field(1.0, gt=0, le=1, description="a share of a GPU (0.25: four workers on one GPU); "
+                                                                  "below 1 only for one-worker runs, e.g. sweep trials")
+    mixed_precision: bool = Field(True, description="bf16 autocast; fp16 with loss scaling on GPUs without bf16")
     channels_last: bool = False
+    compile: bool = Field(False, description="torch.compile the model (minutes of compiling first)")
+    sync_batchnorm: bool = Field(False, description="batch norm statistics over all workers' shares (GPUs only)")
     eval_batch_size: int = Field(500, ge=1)
     max_failures: int = Field(2, ge=0)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
@@ -153,6 +157,13 @@ class TrainConfig(Section):
             )
         if self.batch_size // most < 2:
             raise ValueError("each worker needs at least 2 images per batch (batch norm)")
+        if self.gpus_per_worker < 1 and not self.use_gpu:
+            raise ValueError(f"gpus_per_worker {self.gpus_per_worker} needs use_gpu: true")
+        if self.gpus_per_worker < 1 and most > 1:
+            raise ValueError(f"gpus_per_worker {self.gpus_per_worker} needs num_workers 1: the workers of one run "
+                             f"would share a GPU, which NCCL refuses (a share is for sweep trials of one worker)")
+        if self.sync_batchnorm and not self.use_gpu:
+            raise ValueError("sync_batchnorm needs use_gpu: true (torch synchronises batch norm on GPUs only)")
         if self.schedule.name == "step" and self.schedule.milestones[-1] >= self.epochs:
             raise ValueError(f"the last milestone {self.schedule.milestones[-1]} is not before epoch {self.epochs}")
         if self.schedule.warmup_epochs >= self.epochs:
@@ -217,7 +228,9 @@ class TuneSection(Section):
     grace_period: int = Field(1, ge=1)
     reduction_factor: int = Field(2, ge=2)
     workers_per_trial: int = Field(1, ge=1)
-    max_concurrent_trials: int = Field(0, ge=0, description="0: cluster CPUs (or GPUs) // workers_per_trial")
+    max_concurrent_trials: int = Field(0, ge=0, description="0: as many as the cluster fits: each trial holds "
+                                       "workers_per_trial CPUs and, with train.use_gpu, as many train.gpus_per_worker "
+                                       "shares of a GPU")
     space: dict[str, SearchDimension] = Field(default_factory=dict)
 
     @model_validator(mode="after")

@@ -14,7 +14,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from pipeline.cluster import cluster_capacity
+from pipeline.cluster import cluster_capacity, worker_resources
 from pipeline.config import ConfigError, Params, TuneSection, deep_merge, flatten_mapping, overlay_for, parse_params
 from resattn.model import CONFIG_FIELDS
 
@@ -103,13 +103,14 @@ def reproduce_command(resolved: dict, assignments: list[str], layer: dict) -> st
     return " ".join(["dvc exp run", *(f"-S {shlex.quote(a)}" for a in kept)])
 
 
-def concurrent_trials(params: Params) -> int:
+def concurrent_trials(params: Params, capacity: dict[str, float]) -> int:
     """Trials that fit the cluster at once, counting the nodes an autoscaler may add (a GPU
     cluster that scales from zero GPU workers still fans out). The trial functions ask for no
     CPU (their Train workers hold the resources), so Tune alone would start every trial and
     leave most of them queueing for workers, and TPE would learn nothing from finished trials."""
-    resource = "GPU" if params.train.use_gpu else "CPU"
-    return max(1, int(cluster_capacity().get(resource, 0)) // params.tune.workers_per_trial)
+    per_trial = {key: amount * params.tune.workers_per_trial
+                 for key, amount in worker_resources(params).items()}
+    return max(1, min(int(capacity.get(key, 0) // amount) for key, amount in per_trial.items()))
 
 
 def build_tuner(trainable, params: Params, storage_path: str) -> tune.Tuner:
@@ -128,7 +129,7 @@ def build_tuner(trainable, params: Params, storage_path: str) -> tune.Tuner:
             metric=METRIC,
             mode="max",
             num_samples=settings.num_samples,
-            max_concurrent_trials=settings.max_concurrent_trials or concurrent_trials(params),
+            max_concurrent_trials=settings.max_concurrent_trials or concurrent_trials(params, cluster_capacity()),
             search_alg=OptunaSearch(sampler=optuna.samplers.TPESampler(seed=settings.seed)),
             scheduler=ASHAScheduler(time_attr="training_iteration", max_t=settings.max_epochs,
                                     grace_period=settings.grace_period,

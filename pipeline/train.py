@@ -38,9 +38,10 @@ HISTORY_FILE = Path("reports/train_history.csv")
 
 def run_identity(params: Params, data_hash: str) -> str:
     """Stable name for a training run: same params and data, same name, so a rerun resumes."""
-    # How often an elastic run looks for capacity does not shape it: changing it keeps the run.
+    # How often an elastic run looks for capacity, and how much of a GPU a worker takes, do not
+    # shape the run: changing them keeps it.
     shaping = {"model": params.model.model_dump(), "data": data_hash,
-               "train": params.train.model_dump(exclude={"elastic_resize_seconds"})}
+               "train": params.train.model_dump(exclude={"elastic_resize_seconds", "gpus_per_worker"})}
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -26,10 +26,12 @@ from resattn.data import to_tensor_nchw
 from resattn.model import create_model
 from resattn.training import (
     NonFiniteLossError,
+    autocast_dtype,
     build_optimizer,
     build_scheduler,
     evaluate,
     global_sums,
+    grad_scaler,
     restore_training_state,
     train_epoch,
     training_state,
@@ -98,7 +100,8 @@ def train_loop_per_worker(config: dict) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    autocast_dtype = torch.bfloat16 if train_cfg.mixed_precision else None
+    precision = autocast_dtype(device, train_cfg.mixed_precision)
+    scaler = grad_scaler(device, precision)
 
     train_split, val_split, norm = ray.get(config["data"])  # read-only views of the object store
     if train_cfg.train_subset:
@@ -109,12 +112,19 @@ def train_loop_per_worker(config: dict) -> None:
     val_labels = torch.tensor(val_split.labels[rank::world_size])
     if device.type == "cuda":  # the whole dataset fits on any GPU: no host-to-device copy per batch
         train_images, train_labels = train_images.to(device), train_labels.to(device)
+        val_images, val_labels = val_images.to(device), val_labels.to(device)
+        # Shapes never change within a run: let cuDNN time its algorithms once and keep the fastest.
+        torch.backends.cudnn.benchmark = True
 
     torch.manual_seed(train_cfg.seed)
     model = create_model(params.model.preset, **params.model.build_kwargs())
     if train_cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if train_cfg.sync_batchnorm:  # batch statistics over every worker's share of the batch
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = ray.train.torch.prepare_model(model)
+    if train_cfg.compile:  # the DDP model, so that compiled graphs break at its gradient buckets
+        model = torch.compile(model)
     per_worker_batch = train_cfg.batch_size // world_size
     steps_per_epoch = (len(train_labels) // world_size) // per_worker_batch
     if steps_per_epoch == 0:
@@ -127,7 +137,7 @@ def train_loop_per_worker(config: dict) -> None:
         if "diverged" in state:
             report_divergence(state["diverged"], state["epoch"], rank, state["history"])
             return
-        start_epoch, history = restore_training_state(state, model, optimizer, scheduler)
+        start_epoch, history = restore_training_state(state, model, optimizer, scheduler, scaler)
         if rank == 0:
             print(f"resuming from the checkpoint of epoch {start_epoch}", flush=True)
 
@@ -152,14 +162,14 @@ def train_loop_per_worker(config: dict) -> None:
                     model, optimizer, scheduler, train_images, train_labels, norm,
                     batch_size=per_worker_batch, seed=train_cfg.seed, epoch=epoch, rank=rank, world_size=world_size,
                     label_smoothing=train_cfg.label_smoothing, device=device, channels_last=train_cfg.channels_last,
-                    autocast_dtype=autocast_dtype, progress=progress,
+                    autocast_dtype=precision, scaler=scaler, progress=progress,
                 )
             except NonFiniteLossError as error:
                 report_divergence(str(error), epoch, rank, history)
                 return
             val = evaluate(
                 unwrap(model), val_images, val_labels, norm, batch_size=train_cfg.eval_batch_size,
-                device=device, channels_last=train_cfg.channels_last, autocast_dtype=autocast_dtype,
+                device=device, channels_last=train_cfg.channels_last, autocast_dtype=precision,
             )
             val_loss, val_correct, val_count = global_sums(
                 val.loss * len(val_labels), val.accuracy * len(val_labels), len(val_labels), device=device)
@@ -186,7 +196,7 @@ def train_loop_per_worker(config: dict) -> None:
             )
             log_epoch(config["tracking_uri"], config["run_id"], {k: v for k, v in metrics.items() if k != "epoch"},
                       epoch + 1)
-            report_state(metrics, training_state(model, optimizer, scheduler, epoch, history))
+            report_state(metrics, training_state(model, optimizer, scheduler, epoch, history, scaler))
             print(f"checkpoint saved for epoch {epoch + 1}", flush=True)
     finally:
         if sampling:

@@ -8,6 +8,7 @@ flipped and normalised as tensors, which is what lets a 2-core machine feed the 
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -155,10 +156,18 @@ def to_tensor_nchw(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
 
 
+@functools.lru_cache(maxsize=32)
+def _affine(norm: Normalization, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """normalize's (shift, scale), made once per device: on a GPU each new small tensor is a
+    host-to-device copy, and training asks for them every step."""
+    scale = torch.tensor([1 / (255 * s) for s in norm.std], dtype=dtype).view(1, -1, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(norm.mean, norm.std)], dtype=dtype).view(1, -1, 1, 1)
+    return shift.to(device), scale.to(device)
+
+
 def normalize(images: torch.Tensor, norm: Normalization, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 NCHW -> float, standardised per channel: one fused multiply-add per pixel."""
-    scale = torch.tensor([1 / (255 * s) for s in norm.std], dtype=dtype, device=images.device).view(1, -1, 1, 1)
-    shift = torch.tensor([-m / s for m, s in zip(norm.mean, norm.std)], dtype=dtype, device=images.device).view(1, -1, 1, 1)
+    shift, scale = _affine(norm, dtype, images.device)
     return torch.addcmul(shift, images.to(dtype), scale)
 
 
@@ -166,18 +175,20 @@ def random_crop_flip(images: torch.Tensor, generator: torch.Generator, padding: 
     """The paper's augmentation for a uint8 NCHW batch: zero-pad, random crop, random h-flip.
 
     One gather for the whole batch instead of a Python loop over images; working on uint8
-    moves a quarter of the bytes of float.
+    moves a quarter of the bytes of float. The offsets are drawn where `generator` is: with
+    the images on a GPU and a GPU generator, nothing crosses to the host.
     """
     n, _, height, width = images.shape
+    device = images.device
     padded = torch.nn.functional.pad(images, (padding, padding, padding, padding))
-    dy = torch.randint(0, 2 * padding + 1, (n, 1), generator=generator)
-    dx = torch.randint(0, 2 * padding + 1, (n, 1), generator=generator)
-    flip = torch.rand(n, 1, generator=generator) < 0.5
-    rows = dy + torch.arange(height)  # (n, H)
-    cols = dx + torch.arange(width)  # (n, W)
+    dy = torch.randint(0, 2 * padding + 1, (n, 1), generator=generator, device=device)
+    dx = torch.randint(0, 2 * padding + 1, (n, 1), generator=generator, device=device)
+    flip = torch.rand(n, 1, generator=generator, device=device) < 0.5
+    rows = dy + torch.arange(height, device=device)  # (n, H)
+    cols = dx + torch.arange(width, device=device)  # (n, W)
     cols = torch.where(flip, cols.flip(1), cols)
-    batch = torch.arange(n).view(n, 1, 1, 1)
-    channel = torch.arange(images.shape[1]).view(1, -1, 1, 1)
+    batch = torch.arange(n, device=device).view(n, 1, 1, 1)
+    channel = torch.arange(images.shape[1], device=device).view(1, -1, 1, 1)
     return padded[batch, channel, rows.view(n, 1, height, 1), cols.view(n, 1, 1, width)]
 
 
@@ -190,10 +201,14 @@ def epoch_batches(
     rank: int = 0,
     world_size: int = 1,
     drop_last: bool = True,
+    device: torch.device = torch.device("cpu"),
 ) -> Iterator[torch.Tensor]:
     """This worker's index batches for one epoch: one shuffle shared by all workers, then
-    every `world_size`-th index (DistributedSampler's scheme), fixed by (seed, epoch)."""
-    order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    every `world_size`-th index (DistributedSampler's scheme), fixed by (seed, epoch). The
+    shuffle is drawn on `device` (a GPU's generator draws another order from the same seed
+    than the CPU's), so the batches index a dataset there without a copy from the host."""
+    generator = torch.Generator(device=device).manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(num_items, generator=generator, device=device)
     mine = order[rank::world_size]
     per_worker = num_items // world_size  # equal counts on every worker, so DDP steps line up
     mine = mine[:per_worker]

@@ -138,6 +138,22 @@ def _non_finite(loss: torch.Tensor) -> str | None:
     return str(value.item()) if not math.isfinite(value.item()) else "not finite on another worker"
 
 
+def autocast_dtype(device: torch.device, mixed_precision: bool) -> torch.dtype | None:
+    """What `mixed_precision` trains in on `device`: bf16 on a CPU and on GPUs that have it
+    (Ampere and later), else fp16, which needs a GradScaler (`grad_scaler`); None: fp32."""
+    if not mixed_precision:
+        return None
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:
+    """Loss scaling for fp16, whose gradients underflow without it; disabled (a no-op) for
+    bf16 and fp32, which have fp32's exponent range. It costs one host sync per step."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
 def train_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -155,6 +171,7 @@ def train_epoch(
     device: torch.device = torch.device("cpu"),
     channels_last: bool = False,
     autocast_dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> EpochResult:
     """One pass over this worker's shard: augment, forward, backward, step, per batch.
@@ -162,18 +179,27 @@ def train_epoch(
     `images` is the whole uint8 NCHW training set (on CPU or already on `device`); `batch_size`
     is per worker. The shuffle and the augmentation are fixed by (seed, epoch, rank), so a run
     resumed at an epoch boundary replays exactly what an uninterrupted run would have done.
-    `progress`, if given, is called after every batch with this worker's images so far.
-    Raises NonFiniteLossError, on every worker at the same step, before the first update from
-    a loss that is not finite: nothing after that step would be worth keeping.
+    With the images on a GPU, they are drawn there too, and a bf16 or fp32 step makes no host
+    synchronisation at all: the host queues steps ahead of the GPU. `scaler`: fp16's
+    GradScaler (`grad_scaler`). `progress`, if given, is called after every batch with this
+    worker's images so far.
+
+    Raises NonFiniteLossError, on every worker at the same step, when the loss stops being
+    finite: on a CPU before the update from that loss (the check costs nothing there); on a GPU
+    at the end of the epoch, naming the first such step (a check per step would stall the GPU
+    every step, and a diverged epoch is discarded anyway).
     """
     model.train()
-    augment_rng = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + epoch * 1_009 + rank)
+    on_device = images.device.type != "cpu"
+    augment_rng = torch.Generator(device=images.device).manual_seed(seed * 1_000_003 + epoch * 1_009 + rank)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     count = 0
     started = time.perf_counter()
-    batches = list(epoch_batches(len(labels), batch_size, seed=seed, epoch=epoch, rank=rank, world_size=world_size))
+    batches = list(epoch_batches(len(labels), batch_size, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
+                                 device=images.device))
+    first_bad_step = torch.full((), len(batches), dtype=torch.int64, device=device)  # len: none yet
     for step, index in enumerate(batches):
         batch = random_crop_flip(images[index], augment_rng)
         x = normalize(batch.to(device, non_blocking=True), norm).contiguous(memory_format=memory_format)
@@ -181,11 +207,20 @@ def train_epoch(
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logits = model(x)
             loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
-        if (value := _non_finite(loss)) is not None:
+        if on_device:
+            bad = ~torch.isfinite(loss.detach())
+            first_bad_step = torch.where(bad, torch.minimum(first_bad_step, torch.full_like(first_bad_step, step)),
+                                         first_bad_step)
+        elif (value := _non_finite(loss)) is not None:
             raise NonFiniteLossError(value, epoch, step, len(batches))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is not None and scaler.is_enabled():
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
         scheduler.step()
         # Accumulate on the device: no host sync per batch.
         loss_sum += loss.detach().double() * len(y)
@@ -193,6 +228,11 @@ def train_epoch(
         count += len(y)
         if progress is not None:
             progress(count)
+    if on_device:
+        if _distributed():
+            dist.all_reduce(first_bad_step, op=dist.ReduceOp.MIN)
+        if (step := int(first_bad_step.item())) < len(batches):
+            raise NonFiniteLossError("not finite", epoch, step, len(batches))
     loss_total, correct_total, count_total = global_sums(loss_sum.item(), correct.item(), count, device=device)
     return EpochResult(loss_total / max(count_total, 1), correct_total / max(count_total, 1), int(count_total),
                        time.perf_counter() - started)
@@ -224,20 +264,21 @@ def evaluate(
     of each image and its mirror image are averaged."""
     model.eval()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    probabilities, single_view_correct = [], 0
+    probabilities, single_view_correct = [], torch.zeros((), dtype=torch.int64, device=device)
     for start in range(0, len(labels), batch_size):
         x = normalize(images[start : start + batch_size].to(device), norm).contiguous(memory_format=memory_format)
+        y = labels[start : start + batch_size].to(device)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             probs = model(x).float().softmax(1)
-            single_view_correct += (probs.argmax(1).cpu() == labels[start : start + batch_size].cpu()).sum().item()
+            single_view_correct += (probs.argmax(1) == y).sum()
             if flip_tta:
                 probs = (probs + model(x.flip(3)).float().softmax(1)) / 2
-        probabilities.append(probs.cpu())
-    probabilities = torch.cat(probabilities)
+        probabilities.append(probs)
+    probabilities = torch.cat(probabilities).cpu()  # one copy to the host, at the end
     predictions = probabilities.argmax(1)
     loss = F.nll_loss(probabilities.clamp_min(1e-12).log(), labels.cpu()).item()
     accuracy = (predictions == labels.cpu()).double().mean().item()
-    return Evaluation(loss, accuracy, predictions, probabilities, single_view_correct / max(len(labels), 1))
+    return Evaluation(loss, accuracy, predictions, probabilities, single_view_correct.item() / max(len(labels), 1))
 
 
 def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -258,11 +299,11 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-                   epoch: int, history: list[dict]) -> dict:
+                   epoch: int, history: list[dict], scaler: torch.amp.GradScaler | None = None) -> dict:
     """Everything that resumes training after `epoch` (0-based) exactly: weights, optimizer and
-    schedule state, the RNG, and the per-epoch metrics so far. Tensors and plain values only,
-    so it loads with `weights_only`."""
-    return {
+    schedule state, fp16's loss scale, the RNG, and the per-epoch metrics so far. Tensors and
+    plain values only, so it loads with `weights_only`."""
+    state = {
         "model": unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -270,13 +311,19 @@ def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler
         "epoch": epoch,
         "history": history,
     }
+    if scaler is not None and scaler.is_enabled():
+        state["grad_scaler"] = scaler.state_dict()
+    return state
 
 
 def restore_training_state(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer,
-                           scheduler: torch.optim.lr_scheduler.LRScheduler) -> tuple[int, list[dict]]:
+                           scheduler: torch.optim.lr_scheduler.LRScheduler,
+                           scaler: torch.amp.GradScaler | None = None) -> tuple[int, list[dict]]:
     """Load a `training_state` into the objects; returns (the epoch to start at, the history)."""
     unwrap(model).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and "grad_scaler" in state:
+        scaler.load_state_dict(state["grad_scaler"])
     torch.set_rng_state(state["torch_rng"].cpu())
     return state["epoch"] + 1, state["history"]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import collections
 import fcntl
-import json
 import shutil
 import subprocess
 import sys
@@ -15,11 +14,10 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 
-from helpers import ROOT, free_port, local_stack, run, session_processes, shipped_params, stage_env, synthetic_split
+from helpers import ROOT, free_port, run, shipped_params, stage_env, synthetic_split
 from resattn.cifar10 import write_cifar_format
 
 
@@ -118,31 +116,6 @@ def sweep_project(tmp_path_factory) -> Path:
         subprocess.run([sys.executable, "-m", f"pipeline.{stage}"], cwd=root, check=True, capture_output=True,
                        env=stage_env() | {"PYTHONPATH": str(ROOT)})
     return root
-
-
-# A cluster on loopback: infra/local_stack.py, one per test file that asks for it
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    state_dir = tmp_path_factory.mktemp("stack")
-    command = [sys.executable, str(ROOT / "infra" / "local_stack.py")]
-    # No CPU on the head: every Train worker runs on one of the two other nodes, one each.
-    options = ["--dir", str(state_dir), "--num-cpus", "0", "--worker-nodes", "2", "--worker-node-cpus", "1"]
-    for name in local_stack.PORTS:  # none of Ray's defaults: another Ray may hold them
-        options += [f"--{name}-port", str(free_port())]
-    up = subprocess.run(command + ["up"] + options, env=stage_env(), capture_output=True, text=True, timeout=300)
-    assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-4000:]
-    state = json.loads((state_dir / "stack.json").read_text())
-    try:
-        yield state
-    finally:
-        down = subprocess.run(command + ["down"] + options, env=stage_env(), capture_output=True, text=True, timeout=300)
-        assert down.returncode == 0, down.stderr[-3000:]
-        assert not any(session_processes(session) for session in state["sessions"].values())
-        # Every Ray process names its temp dir on its command line: none may outlive `down`.
-        left = [p.pid for p in psutil.process_iter(["cmdline"]) if state["ray_temp_dir"] in " ".join(p.info["cmdline"] or [])]
-        assert not left, left
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """The cluster workflow on the local stack (infra/local_stack.py), all real processes on
-127.0.0.1: a Ray head and two more Ray nodes (each a raylet with a CPU of its own), an MLflow
-server with S3 artifacts and an S3-compatible server. A sweep spreads its trials over the nodes
-and, killed mid-way, is restored by a Ray job from S3; the train stage runs its workers on two
-nodes, and refuses in one line what a multi-node cluster cannot run."""
+127.0.0.1: a Ray head without CPUs and two more Ray nodes (each a raylet with a CPU of its own),
+an MLflow server with S3 artifacts and an S3-compatible server. A sweep spreads its trials over
+the nodes and, killed mid-way, is restored by a Ray job from S3; the train stage runs its
+workers on two nodes, and refuses in one line what a multi-node cluster cannot run. When a node
+is lost mid-run (`local_stack.py kill-node`), an elastic run goes on with the worker left, and a
+fixed-size run waits until the node is back (`start-node`) and resumes."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.parse
+from pathlib import Path
 
 import boto3
 import psutil
@@ -21,11 +24,34 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from helpers import ROOT, kill_session, params_variant, stage_env, train_on_the_stack
+from helpers import ROOT, free_port, kill_session, local_stack, params_variant, session_processes, stage_env, train_on_the_stack
 
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    state_dir = tmp_path_factory.mktemp("stack")
+    command = [sys.executable, str(ROOT / "infra" / "local_stack.py")]
+    # No CPU on the head: every Train worker runs on one of the two other nodes, one each.
+    options = ["--dir", str(state_dir), "--num-cpus", "0", "--worker-nodes", "2", "--worker-node-cpus", "1"]
+    for name in local_stack.PORTS:  # none of Ray's defaults: another Ray may hold them
+        options += [f"--{name}-port", str(free_port())]
+    up = subprocess.run(command + ["up"] + options, env=stage_env(), capture_output=True, text=True, timeout=300)
+    assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-4000:]
+    state = json.loads((state_dir / "stack.json").read_text())
+    state["control"] = lambda action, *args: subprocess.run(
+        command + [action, *args] + options, env=stage_env(), capture_output=True, text=True, timeout=300, check=True)
+    try:
+        yield state
+    finally:
+        sessions = json.loads((state_dir / "stack.json").read_text())["sessions"]  # a restarted node's too
+        down = subprocess.run(command + ["down"] + options, env=stage_env(), capture_output=True, text=True, timeout=300)
+        assert down.returncode == 0, down.stderr[-3000:]
+        assert not any(session_processes(session) for session in sessions.values())
+        # Every Ray process names its temp dir on its command line: none may outlive `down`.
+        left = [p.pid for p in psutil.process_iter(["cmdline"]) if state["ray_temp_dir"] in " ".join(p.info["cmdline"] or [])]
+        assert not left, left
 
 
 def stack_overrides(state: dict) -> list[str]:
@@ -51,6 +77,95 @@ def test_the_local_stack_listens_on_loopback_only(stack):
                  if c.status == psutil.CONN_LISTEN and c.laddr.port in ports]
     assert {c.laddr.port for c in listening} == ports
     assert {c.laddr.ip for c in listening} == {"127.0.0.1"}
+
+
+def start_training(stack: dict, project: Path, params_file: str, log: Path) -> subprocess.Popen:
+    """The train stage started in the background on the stack, its output going to `log`."""
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "pipeline.train", "--params", params_file], cwd=project,
+                                env=stage_env() | stack["env"] | {"PYTHONPATH": str(ROOT)}, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_for_line(log: Path, driver: subprocess.Popen, text: str, after: int = 0, timeout: float = 300) -> int:
+    """Where `text` first appears in `log` after offset `after`, once it does (the driver running)."""
+    deadline = time.monotonic() + timeout
+    while (found := log.read_text().find(text, after)) < 0:
+        assert driver.poll() is None and time.monotonic() < deadline, log.read_text()[-5000:]
+        time.sleep(0.5)
+    return found
+
+
+def epoch_metric(stack: dict, run_prefix: str, metric: str) -> dict[int, float]:
+    """{epoch: value} of the training run whose Ray run name starts with `run_prefix`; an epoch
+    logged twice (trained again after a restart) keeps its later value."""
+    client = MlflowClient(stack["mlflow_tracking_uri"])
+    run = client.search_runs([client.get_experiment_by_name("resattn-cifar10").experiment_id],
+                             f"tags.ray_run LIKE '{run_prefix}-%'")[0]
+    history = sorted(client.get_metric_history(run.info.run_id, metric), key=lambda m: (m.step, m.timestamp))
+    return {m.step: m.value for m in history}
+
+
+# These two take a node away, and each leaves the stack whole again. They run first: an elastic
+# run grows only into resources that no other run has reserved with Ray Train's
+# AutoscalingCoordinator, and a run that dies without ending (a killed driver, a trial that
+# ASHA stopped) keeps its reservation until it expires, 180 s later (RELIABILITY.md).
+
+
+def test_an_elastic_run_grows_into_a_second_node_and_finishes_on_one_when_that_node_is_lost(
+        sweep_project, stack, tmp_path):
+    epochs = 8
+    params_file = params_variant(
+        sweep_project, "elastic", train={"num_workers": [1, 2], "epochs": epochs, "elastic_resize_seconds": 3},
+        ray={"address": "auto", "storage_path": f"s3://{stack['buckets']['ray']}/runs", "run_name": "elastic"},
+        mlflow={"tracking_uri": stack["mlflow_tracking_uri"]})
+    log = tmp_path / "train.log"
+    driver = start_training(stack, sweep_project, params_file, log)
+    try:
+        both = wait_for_line(log, driver, "2 worker(s) x 1 CPU thread(s) on cpu, on 2 node(s)")
+        wait_for_line(log, driver, "checkpoint saved for epoch", both)
+        stack["control"]("kill-node", "--node", "2")  # its raylet, its agents and its Train worker
+        try:
+            assert driver.wait(timeout=600) == 0, log.read_text()[-5000:]
+        finally:
+            stack["control"]("start-node", "--node", "2")
+    finally:
+        kill_session(driver.pid)
+    assert "1 worker(s) x 1 CPU thread(s) on cpu, on 1 node(s)" in log.read_text()[both:]  # on the node left
+    assert json.loads((sweep_project / "reports/train.json").read_text())["epochs"] == epochs
+    workers = epoch_metric(stack, "elastic", "workers")
+    assert sorted(workers) == list(range(1, epochs + 1))  # every epoch, none lost
+    assert 2 in workers.values() and workers[epochs] == 1, workers
+
+
+def test_a_fixed_size_run_waits_for_a_lost_node_and_resumes_when_it_returns(sweep_project, stack, tmp_path):
+    epochs = 6
+    params_file = params_variant(
+        sweep_project, "fixed", train={"num_workers": 2, "epochs": epochs},
+        ray={"address": "auto", "storage_path": f"s3://{stack['buckets']['ray']}/runs", "run_name": "fixed"},
+        mlflow={"tracking_uri": stack["mlflow_tracking_uri"]})
+    log = tmp_path / "train.log"
+    driver = start_training(stack, sweep_project, params_file, log)
+    try:
+        wait_for_line(log, driver, "checkpoint saved for epoch 2")
+        stack["control"]("kill-node", "--node", "2")
+        lost = len(log.read_text())
+        try:
+            time.sleep(20)  # a fixed-size group needs both nodes: the run waits, it does not fail
+            assert driver.poll() is None, log.read_text()[-5000:]
+            assert "epoch 6/6" not in log.read_text()
+        finally:
+            stack["control"]("start-node", "--node", "2")
+        assert driver.wait(timeout=600) == 0, log.read_text()[-5000:]
+    finally:
+        kill_session(driver.pid)
+    after = log.read_text()[lost:]
+    resumed = re.search(r"resuming from the checkpoint of epoch (\d+)", after)
+    assert resumed and int(resumed.group(1)) >= 2, after[-5000:]
+    assert "2 worker(s) x 1 CPU thread(s) on cpu, on 2 node(s)" in after[resumed.start():]
+    assert json.loads((sweep_project / "reports/train.json").read_text())["epochs"] == epochs
+    assert sorted(epoch_metric(stack, "fixed", "val_accuracy")) == list(range(1, epochs + 1))
+    assert set(epoch_metric(stack, "fixed", "workers").values()) == {2}
 
 
 def _finished_trials_in_s3(state: dict, sweep: str) -> int:

@@ -12,7 +12,7 @@ import yaml
 
 from pipeline.config import ConfigError, compose, load_params, parse_params, render
 from pipeline.cluster import check_resources, resource_problem
-from pipeline.search import trial_raw
+from pipeline.search import concurrent_trials, trial_raw
 from helpers import ROOT, run, shipped_params
 
 PARAMS = ROOT / "params.yaml"
@@ -59,6 +59,10 @@ def test_params_yaml_is_what_dvc_composes_from_conf():
         ({"train": {"num_workers": [3, 1]}}, "num_workers [3, 1] must be at least 1, and fewest <= most"),
         ({"train": {"num_workers": [1, 2, 3]}}, "num_workers [1, 2, 3] must be a count or [fewest, most]"),
         ({"train": {"num_workers": 0}}, "num_workers 0 must be at least 1"),
+        ({"train": {"sync_batchnorm": True}}, "sync_batchnorm needs use_gpu: true (torch synchronises batch norm on GPUs"),
+        ({"train": {"gpus_per_worker": 0.5}}, "gpus_per_worker 0.5 needs use_gpu: true"),
+        ({"train": {"use_gpu": True, "gpus_per_worker": 0.5}}, "gpus_per_worker 0.5 needs num_workers 1: the workers"),
+        ({"train": {"gpus_per_worker": 2.0}}, "train.gpus_per_worker: Input should be less than or equal to 1"),
         ({"data": {"source": ""}}, "data.source: String should have at least 1 character"),
     ],
 )
@@ -124,6 +128,25 @@ def test_a_cluster_refuses_in_one_line_what_it_cannot_run(train, ray, tracking_u
     raw["ray"] |= ray
     problem = resource_problem(parse_params(raw), tracking_uri, cluster=CLUSTER, nodes=nodes, capacity=capacity)
     assert problem == expected if expected is None else expected in problem
+
+
+@pytest.mark.parametrize(
+    ("train", "tune", "capacity", "expected"),
+    [
+        ({}, {"workers_per_trial": 1}, {"CPU": 8}, 8),
+        ({}, {"workers_per_trial": 2}, {"CPU": 5}, 2),
+        # The capacity includes what an autoscaler may add: a cluster at zero GPUs still fans out.
+        ({"use_gpu": True}, {}, {"CPU": 32, "GPU": 4}, 4),
+        ({"use_gpu": True, "num_workers": 1, "gpus_per_worker": 0.25}, {}, {"CPU": 32, "GPU": 4}, 16),
+        ({"use_gpu": True, "num_workers": 1, "gpus_per_worker": 0.25}, {}, {"CPU": 6, "GPU": 4}, 6),  # a CPU each
+        ({"use_gpu": True}, {}, {"CPU": 8}, 1),
+    ],
+)
+def test_a_sweep_runs_as_many_trials_at_once_as_the_cluster_fits(train, tune, capacity, expected):
+    raw = shipped_params()
+    raw["train"] |= train
+    raw["tune"] |= tune
+    assert concurrent_trials(parse_params(raw), capacity) == expected
 
 
 def test_a_tracking_password_stays_out_of_the_cluster_check():

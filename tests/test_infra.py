@@ -241,6 +241,21 @@ def test_the_rayjob_runs_existing_entry_points_with_valid_params():
     assert source.startswith("s3://")
 
 
+def test_the_training_rayjob_writes_valid_elastic_params_and_runs_every_stage():
+    job = yaml_documents(ROOT / "infra/k8s/rayjob-train.yaml")[0]
+    assert job["spec"]["clusterSelector"] == yaml_documents(ROOT / "infra/k8s/rayjob.yaml")[0]["spec"]["clusterSelector"]
+    script = shlex.split(job["spec"]["entrypoint"])[2]  # bash -c "<script>"
+    commands = [shlex.split(part) for part in script.split("&&")]
+    assert [c[2] for c in commands[1:]] == [f"pipeline.{stage}" for stage in
+                                           ("config", "fetch", "preprocess", "train", "evaluate", "register")]
+    write = commands[1]
+    assert write[3] == "--write"
+    params = load_params(ROOT / "params.yaml", [value for flag, value in zip(write[4::2], write[5::2]) if flag == "-S"])
+    assert params.model.preset == "attention92" and params.train.use_gpu
+    assert params.train.worker_range == (1, 4) and params.train.batch_size == 384
+    assert params.ray.storage_path.startswith("s3://") and params.mlflow.tracking_uri.startswith("http://")
+
+
 def test_the_mlflow_server_keeps_artifacts_on_s3_and_its_password_in_a_secret():
     deployment, service = yaml_documents(ROOT / "infra/k8s/mlflow.yaml")
     container = deployment["spec"]["template"]["spec"]["containers"][0]

@@ -10,8 +10,10 @@ from resattn import create_model
 from resattn.data import Normalization
 from resattn.training import (
     NonFiniteLossError,
+    autocast_dtype,
     build_optimizer,
     build_scheduler,
+    grad_scaler,
     lr_factor,
     parameter_groups,
     restore_training_state,
@@ -97,3 +99,26 @@ def test_a_restored_training_state_continues_exactly_as_an_uninterrupted_run():
     assert epoch(resumed, 1).loss == expected.loss
     for a, b in zip(straight[0].parameters(), resumed[0].parameters()):
         assert torch.equal(a, b)
+
+
+def test_mixed_precision_is_bf16_on_a_cpu_and_fp32_when_off():
+    cpu = torch.device("cpu")
+    assert autocast_dtype(cpu, True) == torch.bfloat16 and autocast_dtype(cpu, False) is None
+    assert not grad_scaler(cpu, torch.bfloat16).is_enabled()  # bf16 needs no loss scaling
+
+
+def test_fp16_trains_with_a_loss_scale_that_the_training_state_carries():
+    """The path of GPUs without bf16, run on the CPU: fp16 autocast with a GradScaler, whose
+    scale and growth count resume with the run."""
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.arange(64) % 10
+    model, optimizer, scheduler = _setup()
+    scaler = grad_scaler(torch.device("cpu"), torch.float16)
+    result = train_epoch(model, optimizer, scheduler, images, labels, NORM, batch_size=16, seed=0, epoch=0,
+                         autocast_dtype=torch.float16, scaler=scaler)
+    assert scaler.is_enabled() and 0.0 < result.loss < 10.0
+    state = training_state(model, optimizer, scheduler, 0, [], scaler)
+    assert state["grad_scaler"]["_growth_tracker"] == 4  # one per step without an overflow
+    resumed = grad_scaler(torch.device("cpu"), torch.float16)
+    restore_training_state(state, *_setup(), resumed)
+    assert resumed.state_dict() == scaler.state_dict()
