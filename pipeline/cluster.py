@@ -24,6 +24,7 @@ import torch
 from pipeline.checkpoints import CHECKPOINTS_KEPT
 from pipeline.config import ConfigError, Params
 from pipeline.remote import redact
+from pipeline.tracking import EpochLogger
 from pipeline.worker import train_loop_per_worker
 
 # A Ray instance started for one run, on one machine, does not need these Ray Train helpers.
@@ -210,7 +211,7 @@ def build_trainer(params: Params, data: ray.ObjectRef, tracking_uri: str, run_id
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
             failure_config=ray.train.FailureConfig(max_failures=params.train.max_failures),
             logging_config=RAY_TRAIN_LOGGING,
-            callbacks=callbacks,
+            callbacks=[EpochLogger(tracking_uri, run_id), *(callbacks or [])],
         ),
     )
 

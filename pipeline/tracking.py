@@ -3,9 +3,9 @@
 A training run's MLflow run is found again by its `ray_run` tag, so a resumed training logs
 into the run it started. Lineage uses MLflow's own names, so the UI's Source and Version
 columns and the Dataset column are filled: `mlflow.source.*` tags and the prepared data as a
-dataset input with its digest. Workers log each epoch themselves (`log_epoch`); during a
-tracking outage they skip it and the driver logs what is missing afterwards
-(`backfill_metrics`).
+dataset input with its digest. Ray Train's controller logs each epoch once it has it from every
+worker (`EpochLogger`); during a tracking outage it skips it and the driver logs what is
+missing afterwards (`backfill_metrics`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import mlflow
+import ray.train
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.tracking import MlflowClient
 from mlflow.tracking.context.registry import resolve_tags
@@ -89,13 +90,38 @@ def open_training_run(params: Params, tracking_uri: str, run_name: str, prepared
 
 
 def log_epoch(tracking_uri: str, run_id: str, metrics: dict, epoch: int) -> None:
-    """One epoch's metrics from a worker; an outage costs a warning, not the training."""
+    """One epoch's metrics; an outage costs a warning, not the training."""
     try:
         MlflowClient(tracking_uri).log_batch(
             run_id, metrics=[Metric(k, float(v), int(time.time() * 1000), epoch) for k, v in metrics.items()])
     except Exception as error:  # noqa: BLE001 - a tracking outage must not cost the training
         print(f"warning: could not log epoch {epoch} to MLflow ({type(error).__name__}); training goes on "
               f"and the driver logs it when MLflow is back", flush=True)
+
+
+class EpochLogger(ray.train.UserCallback):
+    """Logs each epoch to MLflow run `run_id` when Ray Train's controller has it from every
+    worker, with its checkpoint. A worker that logged for itself logged an epoch twice when a
+    worker failed after logging but before the controller had its report: that epoch was
+    trained again after the restart, and MLflow held two values at one step."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        self.tracking_uri, self.run_id = tracking_uri, run_id
+
+    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
+        epoch = dict(metrics[0])  # rank 0's; every worker reports the same global figures
+        if not epoch.pop("diverged", 0.0):
+            log_epoch(self.tracking_uri, self.run_id, epoch, int(epoch.pop("epoch")))
+
+
+def tag_run(tracking_uri: str, run_id: str, tags: dict[str, str]) -> None:
+    """Tags from a worker; an outage costs a warning, not the training."""
+    try:
+        client = MlflowClient(tracking_uri)
+        for key, value in tags.items():
+            client.set_tag(run_id, key, value)
+    except Exception as error:  # noqa: BLE001 - a tracking outage must not cost the training
+        print(f"warning: could not tag the MLflow run ({type(error).__name__})", flush=True)
 
 
 def start_system_metrics(tracking_uri: str, run_id: str) -> bool:

@@ -3,8 +3,9 @@ sweep trial alike (pipeline/cluster.py builds the one trainer that runs it).
 
 Each worker takes its shard of every batch (DDP), validates its slice of the validation split,
 and all-reduces the sums, so every worker sees the global figures. Rank 0 prints one line per
-epoch (and a progress line every 20 s within it), logs the epoch to MLflow, and reports the
-full training state as a checkpoint. A non-finite loss ends every worker's loop at the same
+epoch (and a progress line every 20 s within it) and reports the full training state as a
+checkpoint; the controller logs the epoch to MLflow once every worker has reported it
+(pipeline/tracking.py, `EpochLogger`). A non-finite loss ends every worker's loop at the same
 step with a divergence record instead of a checkpoint.
 """
 
@@ -20,7 +21,7 @@ from torch import nn
 
 from pipeline.checkpoints import load_resumable_state, report_state
 from pipeline.config import Params, TrainConfig
-from pipeline.tracking import log_epoch, start_system_metrics, stop_system_metrics
+from pipeline.tracking import start_system_metrics, stop_system_metrics, tag_run
 from resattn.cifar10 import Split
 from resattn.data import to_tensor_nchw
 from resattn.model import create_model
@@ -55,15 +56,15 @@ def use_reserved_cpus() -> int:
     return threads
 
 
-def nodes_spanned() -> int:
-    """How many Ray nodes the worker group runs on. (Ray Train's local ranks count machines by
-    IP address, so the nodes of a cluster on one machine would be one.)"""
+def worker_nodes() -> list[str]:
+    """The ids of the Ray nodes the worker group runs on. (Ray Train's local ranks count
+    machines by IP address, so the nodes of a cluster on one machine would be one.)"""
     node = ray.get_runtime_context().get_node_id()
     if not torch.distributed.is_initialized():
-        return 1
+        return [node]
     every = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(every, node)
-    return len(set(every))
+    return sorted(set(every))
 
 
 def optimizer_and_scheduler(model: nn.Module, train: TrainConfig, steps_per_epoch: int
@@ -142,9 +143,11 @@ def train_loop_per_worker(config: dict) -> None:
             print(f"resuming from the checkpoint of epoch {start_epoch}", flush=True)
 
     total_images = steps_per_epoch * per_worker_batch * world_size
-    nodes = nodes_spanned()
+    nodes = worker_nodes()
     if rank == 0:
-        print(f"{world_size} worker(s) x {threads} CPU thread(s) on {device.type}, on {nodes} node(s); "
+        # Where the (latest) worker group ran, for the run's page: an elastic run's changes.
+        tag_run(config["tracking_uri"], config["run_id"], {"ray_nodes": ",".join(nodes)})
+        print(f"{world_size} worker(s) x {threads} CPU thread(s) on {device.type}, on {len(nodes)} node(s); "
               f"{total_images:,} training images per epoch in batches of {per_worker_batch * world_size}", flush=True)
     sampling = rank == 0 and start_system_metrics(config["tracking_uri"], config["run_id"])
     try:
@@ -194,8 +197,6 @@ def train_loop_per_worker(config: dict) -> None:
                 f"acc {metrics['val_accuracy']:.4f} | {metrics['images_per_second']:.0f} img/s",
                 flush=True,
             )
-            log_epoch(config["tracking_uri"], config["run_id"], {k: v for k, v in metrics.items() if k != "epoch"},
-                      epoch + 1)
             report_state(metrics, training_state(model, optimizer, scheduler, epoch, history, scaler))
             print(f"checkpoint saved for epoch {epoch + 1}", flush=True)
     finally:

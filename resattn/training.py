@@ -172,6 +172,7 @@ def train_epoch(
     channels_last: bool = False,
     autocast_dtype: torch.dtype | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    check_loss_each_step: bool | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> EpochResult:
     """One pass over this worker's shard: augment, forward, backward, step, per batch.
@@ -185,12 +186,14 @@ def train_epoch(
     worker's images so far.
 
     Raises NonFiniteLossError, on every worker at the same step, when the loss stops being
-    finite: on a CPU before the update from that loss (the check costs nothing there); on a GPU
-    at the end of the epoch, naming the first such step (a check per step would stall the GPU
-    every step, and a diverged epoch is discarded anyway).
+    finite: with `check_loss_each_step` (the default for images on a CPU, where the check costs
+    nothing), before the update from that loss; otherwise (the default on a GPU, where a check
+    per step would stall it every step) at the end of the epoch, naming the first such step: a
+    diverged epoch is discarded anyway.
     """
     model.train()
-    on_device = images.device.type != "cpu"
+    if check_loss_each_step is None:
+        check_loss_each_step = images.device.type == "cpu"
     augment_rng = torch.Generator(device=images.device).manual_seed(seed * 1_000_003 + epoch * 1_009 + rank)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -207,10 +210,9 @@ def train_epoch(
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logits = model(x)
             loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
-        if on_device:
+        if not check_loss_each_step:
             bad = ~torch.isfinite(loss.detach())
-            first_bad_step = torch.where(bad, torch.minimum(first_bad_step, torch.full_like(first_bad_step, step)),
-                                         first_bad_step)
+            first_bad_step = torch.where(bad, first_bad_step.clamp(max=step), first_bad_step)
         elif (value := _non_finite(loss)) is not None:
             raise NonFiniteLossError(value, epoch, step, len(batches))
         optimizer.zero_grad(set_to_none=True)
@@ -228,7 +230,7 @@ def train_epoch(
         count += len(y)
         if progress is not None:
             progress(count)
-    if on_device:
+    if not check_loss_each_step:
         if _distributed():
             dist.all_reduce(first_bad_step, op=dist.ReduceOp.MIN)
         if (step := int(first_bad_step.item())) < len(batches):

@@ -24,7 +24,7 @@ from resattn.training import (
 NORM = Normalization((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 
 
-def one_epoch(lr: float, epoch: int = 0):
+def one_epoch(lr: float, epoch: int = 0, **options):
     torch.manual_seed(0)
     model = create_model("attention56_tiny")
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
@@ -32,7 +32,8 @@ def one_epoch(lr: float, epoch: int = 0):
     optimizer = build_optimizer(model, "sgd", lr, momentum=0.0)
     scheduler = build_scheduler(optimizer, total_steps=4, schedule="constant")
     try:
-        return train_epoch(model, optimizer, scheduler, images, labels, NORM, batch_size=16, seed=0, epoch=epoch)
+        return train_epoch(model, optimizer, scheduler, images, labels, NORM, batch_size=16, seed=0, epoch=epoch,
+                           **options)
     except NonFiniteLossError as error:
         return error
 
@@ -44,6 +45,13 @@ def test_a_diverging_run_stops_at_the_first_non_finite_loss_naming_epoch_and_ste
     message = str(error)
     assert message.startswith("the training loss became nan at epoch 3, step 2 of 4;")
     assert "\n" not in message
+
+
+def test_without_a_check_per_step_a_diverged_epoch_is_stopped_at_its_end_naming_the_first_bad_step():
+    """The GPU's way (no host sync per step), run on the CPU."""
+    error = one_epoch(lr=1e30, epoch=2, check_loss_each_step=False)
+    assert isinstance(error, NonFiniteLossError) and (error.epoch, error.step) == (2, 1)
+    assert str(error).startswith("the training loss became not finite at epoch 3, step 2 of 4;")
 
 
 def test_a_healthy_epoch_is_not_stopped():
