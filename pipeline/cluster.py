@@ -22,6 +22,7 @@ import ray.train.torch
 import torch
 
 from pipeline.checkpoints import CHECKPOINTS_KEPT
+from pipeline.common import raise_on_sigterm
 from pipeline.config import ConfigError, Params
 from pipeline.remote import redact
 from pipeline.tracking import EpochLogger
@@ -154,6 +155,7 @@ def start_ray(params: Params, *, sweep: bool = False) -> None:
         **({"num_cpus": os.cpu_count(), "include_dashboard": dashboard, "dashboard_host": "127.0.0.1",
             "dashboard_port": dashboard_port} if local else {}),
     )
+    raise_on_sigterm()
     if not local:
         release_orphaned_placement_groups()
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import io
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,6 +37,38 @@ class StageError(RuntimeError):
     """A stage failed for a reason its message states in full (no traceback adds anything)."""
 
 
+def _interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def raise_on_sigterm() -> None:
+    """SIGTERM raises KeyboardInterrupt in the main thread, as Ctrl-C does. (ray.init installs
+    a handler of its own, a bare exit: this is called again after it.)"""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (a scheduler, `kill`, the end of the `dvc repro` that runs this stage) stops the
+    stage as Ctrl-C does: the interrupt unwinds it, and its local Ray shuts down with it.
+    Python's default would end it at once and leave Ray's processes running. On Linux the stage
+    also asks for SIGTERM when its parent dies: `dvc repro` forwards no signal, and a stage
+    left running by a killed `dvc repro` went on training, with its Ray, to the end."""
+    raise_on_sigterm()
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def stopped_exit() -> SystemExit:
+    """One line, and Ctrl-C's exit status, for a stage stopped by SIGTERM or Ctrl-C."""
+    print("stopped (SIGTERM or Ctrl-C); rerun the same command to resume from the last checkpoint", file=sys.stderr,
+          flush=True)
+    return SystemExit(128 + signal.SIGINT)
+
+
 def change_to_root(root: Path | None) -> None:
     """`--root`: the project directory that relative paths in params refer to. A Ray job runs
     in an uploaded copy of the code, without the data and outputs."""
@@ -55,8 +90,11 @@ def run_stage(description: str, stage: Callable[[Params], None], argv: list[str]
     args = parser.parse_args(argv)
     change_to_root(args.root)
     quiet_libraries()
+    stop_on_sigterm()
     try:
         stage(load_params(args.params))
     except (ConfigError, DataError, StageError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        raise stopped_exit() from None

@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from resattn.cifar10 import OFFICIAL_URL, SOURCE_ENV_VAR
+from resattn.cifar10 import OFFICIAL_URL, SOURCE_ENV_VAR, redact, secret_parts
 from resattn.data import write_text
 from resattn.model import model_config
 from resattn.training import OPTIMIZERS, SCHEDULES
@@ -54,6 +54,16 @@ class DataConfig(Section):
     prepared_dir: str = "data/prepared"
     validation_size: int = Field(5000, ge=1)
     split_seed: int = Field(0, ge=0)
+
+    @field_validator("source")
+    @classmethod
+    def _no_credentials(cls, source: str) -> str:
+        if found := secret_parts(source):
+            raise ValueError(
+                f"it carries credentials ({', '.join(found)}), and params are copied into dvc.lock and MLflow: give "
+                f"the URL in the {SOURCE_ENV_VAR} environment variable instead (a user:password there is sent as "
+                f"HTTP basic authentication, never shown), or use an s3:// source with credentials from the AWS chain")
+        return source
 
     def resolved_source(self) -> str:
         """The environment override wins, for offline or air-gapped machines."""
@@ -259,6 +269,7 @@ def _format(error: ValidationError, source: str) -> str:
         if problem["type"] == "extra_forbidden":
             message = "unknown key (a typo?)"
         given = problem.get("input")
+        given = redact(given) if isinstance(given, str) else given  # a credential is never shown
         shown = "" if problem["type"] in ("missing",) or isinstance(given, dict) else f" (got {given!r})"
         lines.append(f"  {key}: {message}{shown}")
     return "\n".join(lines)

@@ -18,7 +18,7 @@ def checksums_for(params: Params) -> dict[str, str]:
 def fetch(params: Params) -> None:
     source = params.data.resolved_source()
     destination = Path(params.data.raw_dir) / cifar10.FOLDER_NAME
-    print(f"fetching CIFAR-10 from {source}")
+    print(f"fetching CIFAR-10 from {cifar10.redact(source)}")
     cifar10.fetch(source, destination, checksums_for(params))
     print(f"verified {len(cifar10.OFFICIAL_MD5)} files in {destination}")
 

@@ -19,6 +19,13 @@ import sys
 PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
 
+# Train V2's controller asks the AutoscalingCoordinator for its workers' resources every 20 s
+# and, when an answer takes over 5 s, warns with a traceback that it is "safe to ignore if
+# transient". On a busy 2-core machine it did, in a stage's console. A local Ray has no
+# autoscaler to ask, so the warning says nothing there.
+AUTOSCALING_CLIENT_LOGGER = "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client"
+
+
 # Reading an earlier run (pipeline.checkpoints.latest_state) logs at INFO that a snapshot
 # was found, with advice for starting afresh that does not apply to a rerun.
 CHECKPOINT_MANAGER_LOGGER = "ray.train.v2._internal.execution.checkpoint.checkpoint_manager"
@@ -62,6 +69,8 @@ def set_up_worker() -> None:
 
 
 def set_up_worker_without_dashboard() -> None:
-    """The same, for a local Ray without its dashboard: the placement-group cleaner is quiet too."""
+    """The same, for a local Ray without its dashboard: the placement-group cleaner and the
+    autoscaling client are quiet too."""
     set_up_worker()
     logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
+    logging.getLogger(AUTOSCALING_CLIENT_LOGGER).setLevel(logging.ERROR)

@@ -1,6 +1,13 @@
 """DVC stage `register`: log the model to MLflow, register it, and move `champion` only on
 improvement.
 
+Promotion holds under concurrent registrations (a sweep and a `dvc repro` at once): each
+registration scores its version first, then points `champion` at the best-scored version and
+reads again, until what it read before writing is still true after. A registration that read
+before another's score landed sees it on that second read and corrects the alias, so the best
+model ends as champion whichever writes last. A champion without a numeric score (moved by
+hand) is left where it is.
+
 The logged model is self-contained: it normalises its input (float images in [0, 1]), carries
 the resattn package as code, and pins its pip requirements (no slow inference of them).
 Writes reports/register.json with the version and whether it became champion.
@@ -9,18 +16,20 @@ Writes reports/register.json with the version and whether it became champion.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import mlflow
 import mlflow.pytorch
 import numpy as np
+import PIL
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
 import resattn
-from pipeline.common import MODEL_FILE, RUN_FILE, run_stage
+from pipeline.common import MODEL_FILE, RUN_FILE, StageError, run_stage
 from pipeline.config import Params
 from pipeline.remote import check_tracking_server
 from pipeline.evaluate import METRICS_FILE as EVAL_FILE, load_trained_model
@@ -34,15 +43,52 @@ TEST_ACCURACY_TAG = "test_accuracy"
 
 
 def pip_requirements() -> list[str]:
-    return [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}", "pillow"]
+    return [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}", f"pillow=={PIL.__version__}"]
 
 
-def champion_accuracy(client: MlflowClient, name: str) -> tuple[str | None, float | None]:
+PROMOTION_ROUNDS = 20
+
+
+def champion_version(client: MlflowClient, name: str) -> str | None:
     try:
-        version = client.get_model_version_by_alias(name, CHAMPION)
+        return str(client.get_model_version_by_alias(name, CHAMPION).version)  # MLflow gives str or int
     except MlflowException:
-        return None, None
-    return version.version, float(version.tags.get(TEST_ACCURACY_TAG, "nan"))
+        return None
+
+
+def scored_versions(client: MlflowClient, name: str) -> dict[str, float]:
+    """{version: test accuracy} of the versions whose accuracy tag is a finite number."""
+    scores = {}
+    for version in client.search_model_versions(f"name = '{name}'"):
+        try:
+            score = float(version.tags.get(TEST_ACCURACY_TAG, "nan"))
+        except ValueError:
+            continue
+        if math.isfinite(score):
+            scores[str(version.version)] = score
+    return scores
+
+
+def settle_champion(client: MlflowClient, name: str) -> str | None:
+    """Point `champion` at the best-scored version (a tie keeps the champion; else the earlier
+    version wins) and return it, or leave an unscored champion alone and return it. Repeats
+    until the scores and the alias read after the write are those read before it."""
+    for _ in range(PROMOTION_ROUNDS):
+        scores, current = scored_versions(client, name), champion_version(client, name)
+        if current is not None and current not in scores:
+            return current
+        best = min(scores, key=lambda version: (-scores[version], version != current, int(version)))
+        if best != current:
+            try:
+                client.set_registered_model_alias(name, CHAMPION, best)
+            except MlflowException:
+                # Another registration set the alias at the same moment (the server's insert
+                # lost the race, seen as a UNIQUE constraint failure): read again.
+                continue
+        if scored_versions(client, name) == scores and champion_version(client, name) == best:
+            return best
+    raise StageError(f"{name}: the champion alias kept changing under other registrations for {PROMOTION_ROUNDS} "
+                     f"rounds; register again")
 
 
 def register_model(params: Params, model_path: Path, run_id: str, test_accuracy: float) -> dict:
@@ -73,17 +119,20 @@ def register_model(params: Params, model_path: Path, run_id: str, test_accuracy:
     version = str(info.registered_model_version)
     client.set_model_version_tag(name, version, TEST_ACCURACY_TAG, str(test_accuracy))
 
-    champion_version, best = champion_accuracy(client, name)
-    promoted = champion_version is None or not best >= test_accuracy
+    champion = settle_champion(client, name)
+    champion_accuracy = scored_versions(client, name).get(champion)
+    promoted = champion == version
     if promoted:
-        client.set_registered_model_alias(name, CHAMPION, version)
-    verdict = (f"now {CHAMPION}" if promoted else
-               f"{CHAMPION} stays version {champion_version} ({best:.4f} >= {test_accuracy:.4f})")
+        verdict = f"now {CHAMPION}"
+    elif champion_accuracy is None:
+        verdict = (f"{CHAMPION} stays version {champion}, which has no numeric {TEST_ACCURACY_TAG} tag (moved by "
+                   f"hand?); move the alias yourself if this version should replace it")
+    else:
+        verdict = f"{CHAMPION} stays version {champion} ({champion_accuracy:.4f} >= {test_accuracy:.4f})"
     print(f"registered {name} version {version} with test accuracy {test_accuracy:.4f}: {verdict}")
     return {
         "model": name, "version": int(version), "test_accuracy": test_accuracy, "promoted": promoted,
-        "champion_version": int(version if promoted else champion_version),
-        "champion_test_accuracy": test_accuracy if promoted else best,
+        "champion_version": int(champion), "champion_test_accuracy": champion_accuracy,
     }
 
 

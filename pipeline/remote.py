@@ -18,21 +18,12 @@ import urllib.parse
 import urllib.request
 
 from pipeline.config import ConfigError, Params
+from resattn.cifar10 import redact
 
 CREDENTIAL_HELP = (
     "provide them through the standard AWS chain (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
     "AWS_PROFILE with ~/.aws/credentials, or an instance profile / IRSA role), never in params.yaml"
 )
-
-
-def redact(uri: str) -> str:
-    """`uri` without any user:password part."""
-    parts = urllib.parse.urlsplit(uri)
-    if parts.username is None and parts.password is None:
-        return uri
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def check_s3_location(setting: str, uri: str) -> None:

@@ -4,6 +4,7 @@ domains, and the `dvc exp run` line that trains a trial through the pipeline."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shlex
 from typing import Any
@@ -101,6 +102,23 @@ def reproduce_command(resolved: dict, assignments: list[str], layer: dict) -> st
         text = json.dumps(value) if isinstance(value, (list, dict, bool)) else str(value)
         kept.append(f"{'' if key in present else '+'}{key}={text}")
     return " ".join(["dvc exp run", *(f"-S {shlex.quote(a)}" for a in kept)])
+
+
+# What a sweep is, besides its name: how many trials of what, searched and stopped how. How many
+# run at once is not part of it.
+SWEEP_SHAPING = frozenset(TuneSection.model_fields) - {"name", "max_concurrent_trials"}
+
+
+def sweep_settings(settings: TuneSection) -> dict[str, Any]:
+    return settings.model_dump(include=SWEEP_SHAPING)
+
+
+def sweep_definition(settings: TuneSection, base_identity: str) -> str:
+    """A digest of what a sweep runs: its settings and the identity of its trials' base params
+    and data (pipeline.train.run_identity). A sweep resumed under another definition would mix
+    the trials of two sweeps."""
+    shaping = {"tune": sweep_settings(settings), "base": base_identity}
+    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def concurrent_trials(params: Params, capacity: dict[str, float]) -> int:

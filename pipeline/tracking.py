@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import ray.train
@@ -23,7 +24,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.tracking.context.registry import resolve_tags
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_GIT_COMMIT
 
-from pipeline.config import Params, flatten_mapping
+from pipeline.config import ConfigError, Params, flatten_mapping
 
 MLFLOW_BATCH_LIMIT = 1000  # metrics per log_batch call
 MLFLOW_PARAM_LIMIT = 6000  # characters of a param value
@@ -171,13 +172,27 @@ def mark_failed(tracking_uri: str, run_id: str, reason: str) -> None:
 
 
 
-def sweep_parent_run(client: MlflowClient, params: Params, lineage: dict[str, str]) -> str:
+def sweep_parent_run(client: MlflowClient, params: Params, lineage: dict[str, str], definition: str,
+                     settings: dict[str, Any]) -> str:
+    """The sweep's parent run: found again by the sweep's name, to resume it, or created. A
+    sweep of that name with another `definition` (search.sweep_definition) is refused, naming
+    what changed among its `settings` (search.sweep_settings): resuming would mix two sweeps."""
     experiment = mlflow.set_experiment(params.mlflow.experiment)
     found = client.search_runs([experiment.experiment_id], f"tags.sweep = '{params.tune.name}' and tags.role = 'sweep'")
     if found:
+        recorded = found[0].data.tags.get("sweep_definition")
+        if recorded not in (None, definition):
+            logged = found[0].data.params
+            changes = [f"{key} {logged.get(key, '(unset)')} -> {value}"
+                       for key, value in flatten("tune", settings).items() if logged.get(key) != value]
+            raise ConfigError(
+                f"sweep {params.tune.name!r} already exists (MLflow run {found[0].info.run_id}) and ran with other "
+                f"settings: {'; '.join(changes) or 'the training params or the data of its trials differ'}. "
+                f"Resuming it would mix the trials of two sweeps: set a new tune.name to start another, or rerun it "
+                f"with the params it started with to resume it")
         return found[0].info.run_id
     run = client.create_run(experiment.experiment_id, run_name=f"sweep {params.tune.name}",
-                            tags=lineage | {"sweep": params.tune.name, "role": "sweep"})
+                            tags=lineage | {"sweep": params.tune.name, "role": "sweep", "sweep_definition": definition})
     log_params(client, run.info.run_id, flatten("tune", params.tune.model_dump()))
     return run.info.run_id
 

@@ -35,14 +35,24 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallba
 
 from pipeline.checkpoints import load_checkpoint_state, save_trained_model
 from pipeline.cluster import build_trainer, check_resources, resolve_storage_path, start_ray
-from pipeline.common import StageError, change_to_root
+from pipeline.common import StageError, change_to_root, stop_on_sigterm, stopped_exit
 from pipeline.config import DEFAULT_PARAMS, ConfigError, parse_params, resolve
 from pipeline.evaluate import evaluate_model
 from pipeline.ray_hooks import quiet_libraries
 from pipeline.register import register_model
 from pipeline.remote import check_run_services
-from pipeline.search import METRIC, build_tuner, reproduce_command, sweep_layer, trial_raw, validate_space
+from pipeline.search import (
+    METRIC,
+    build_tuner,
+    reproduce_command,
+    sweep_definition,
+    sweep_layer,
+    sweep_settings,
+    trial_raw,
+    validate_space,
+)
 from pipeline.sweep_results import trial_table, write_results
+from pipeline.train import run_identity
 from pipeline.tracking import (
     lineage_tags,
     record_sweep,
@@ -85,13 +95,15 @@ def sweep(params_path: Path = DEFAULT_PARAMS, assignments: list[str] = ()) -> di
     tracking_uri = resolve_tracking_uri(params.mlflow.tracking_uri)
     check_run_services(params)
     # Each trial asks of the cluster what a training run with the sweep's layer asks.
-    check_resources(parse_params(trial_raw(raw, {}, settings), "the trial params"), tracking_uri)
+    trial_base = parse_params(trial_raw(raw, {}, settings), "the trial params")
+    check_resources(trial_base, tracking_uri)
     prepared = Path(params.data.prepared_dir).resolve()
     data, data_hash = load_prepared(prepared)  # sweeps reuse the pipeline's arrays
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
     lineage = lineage_tags()
-    parent_id = sweep_parent_run(client, params, lineage)
+    definition = sweep_definition(settings, run_identity(trial_base, data_hash))
+    parent_id = sweep_parent_run(client, params, lineage, definition, sweep_settings(settings))
     experiment_id = client.get_run(parent_id).info.experiment_id
     storage_path = resolve_storage_path(params)
     start_ray(params, sweep=True)
@@ -149,11 +161,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     change_to_root(args.root)
     quiet_libraries()
+    stop_on_sigterm()
     try:
         sweep(args.params, args.set)
     except (ConfigError, DataError, StageError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        raise stopped_exit() from None
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ or an `s3://bucket/key` of either (boto3, imported only for s3 sources).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import pickle
@@ -18,8 +19,10 @@ import shutil
 import sys
 import tarfile
 import tempfile
+import base64
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -41,6 +44,10 @@ OFFICIAL_MD5 = {
     "batches.meta": "5ff9c542aee3614f3951f8cda6e48888",
 }
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+# Each file's largest size: the official batches are 31.04 MB (10,000 images), the class names
+# 158 bytes. A source whose files are larger is not CIFAR-10; it is refused before it is copied
+# (a sparse member of a tarball makes gigabytes cheap to send).
+MAX_FILE_BYTES = {name: 32 * 2**20 for name in OFFICIAL_MD5} | {"batches.meta": 64 * 2**10}
 TEST_FILE = "test_batch"
 META_FILE = "batches.meta"
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -49,6 +56,49 @@ SOURCE_ENV_VAR = "RESATTN_CIFAR10_SOURCE"
 
 class DataError(RuntimeError):
     """Bad or unreachable data; the message says which file or source and what to do."""
+
+
+# Query parameters that carry credentials in the URLs people paste: presigned S3 and Azure SAS
+# URLs, API tokens.
+SECRET_QUERY_KEYS = frozenset({
+    "token", "access_token", "auth", "apikey", "api_key", "key", "password", "secret", "client_secret", "sig",
+    "signature", "x-amz-signature", "x-amz-credential", "x-amz-security-token", "awsaccesskeyid", "x-goog-signature",
+    "x-goog-credential",
+})
+
+
+def secret_parts(uri: str) -> list[str]:
+    """What in `uri` is a credential: its user:password part, its secret query parameters."""
+    parts = urllib.parse.urlsplit(uri)
+    found = ["user:password"] if parts.username is not None or parts.password is not None else []
+    found += [key for key, _ in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+              if key.lower() in SECRET_QUERY_KEYS]
+    return found
+
+
+def redact(uri: str) -> str:
+    """`uri` as it may be printed, raised or logged: without its user:password part, and with
+    the value of every secret query parameter replaced by ***."""
+    parts = urllib.parse.urlsplit(uri)
+    if not secret_parts(uri):
+        return uri
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    query = urllib.parse.urlencode([(key, "***" if key.lower() in SECRET_QUERY_KEYS else value) for key, value
+                                    in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)], safe="*")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def redact_text(text: str, uri: str) -> str:
+    """`text` (an error's message, say) with `uri` redacted in it, and each of its secrets too,
+    wherever else they appear."""
+    parts = urllib.parse.urlsplit(uri)
+    secrets = [parts.password] + [value for key, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+                                  if key.lower() in SECRET_QUERY_KEYS]
+    text = text.replace(uri, redact(uri))
+    for secret in filter(None, secrets):
+        text = text.replace(secret, "***").replace(urllib.parse.quote(secret, safe=""), "***")
+    return text
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,12 +150,30 @@ def verify_folder(folder: Path, checksums: Mapping[str, str] = OFFICIAL_MD5, ori
 # Fetching
 
 
+def _check_size(name: str, size: int, origin: str) -> None:
+    if size > MAX_FILE_BYTES[name]:
+        raise DataError(f"{origin}: {name} is {size:,} bytes, but CIFAR-10's is at most {MAX_FILE_BYTES[name]:,}; "
+                        f"this is not CIFAR-10 (refused before copying it)")
+
+
+def _disk_full(error: OSError, where: Path) -> DataError | None:
+    """The error to raise for a full disk at `where`, or None for any other OSError."""
+    if error.errno != errno.ENOSPC:
+        return None
+    where = next(folder for folder in (where, *where.parents) if folder.exists())
+    return DataError(f"no space left on the disk of {where} ({shutil.disk_usage(where).free / 1e6:,.0f} MB free; "
+                     f"CIFAR-10 needs about 180 MB, twice that while fetching a tarball): free some space, or set "
+                     f"data.raw_dir to a folder on another disk")
+
+
 def _copy_member_files(tar: tarfile.TarFile, destination: Path, origin: str) -> None:
     # Extract only the expected regular files by name: no path from the archive is trusted.
     members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile() and Path(m.name).name in OFFICIAL_MD5}
     missing = sorted(set(OFFICIAL_MD5) - set(members))
     if missing:
         raise DataError(f"{origin} does not contain {', '.join(missing)}; is it the CIFAR-10 python version?")
+    for name, member in members.items():
+        _check_size(name, member.size, origin)
     for name, member in members.items():
         source = tar.extractfile(member)
         with source, open(destination / name, "wb") as target:
@@ -117,6 +185,8 @@ def _unpack_tarball(tarball: Path, destination: Path, origin: str) -> None:
         with tarfile.open(tarball, "r:*") as tar:
             _copy_member_files(tar, destination, origin)
     except (tarfile.TarError, EOFError, OSError) as error:
+        if isinstance(error, OSError) and (full := _disk_full(error, destination)):
+            raise full from error
         raise DataError(f"{origin} is not a readable .tar.gz ({error}); fetch it again") from error
 
 
@@ -139,24 +209,36 @@ def _progress_printer(label: str, total: int | None) -> Callable[[int], None]:
 
 
 def _download(url: str, target: Path, timeout: float = 60.0) -> None:
+    """`url` into `target`. A user:password in it (from the environment: params refuse it) is
+    sent as HTTP basic authentication, never printed."""
+    parts = urllib.parse.urlsplit(url)
+    request = urllib.request.Request(urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])))
+    if parts.username is not None:
+        login = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+        request.add_header("Authorization", f"Basic {base64.b64encode(login.encode()).decode()}")
+    shown = redact(url)
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, open(target, "wb") as out:
+        with urllib.request.urlopen(request, timeout=timeout) as response, open(target, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0) or None
-            report = _progress_printer(f"downloading {url}", total)
+            report = _progress_printer(f"downloading {shown}", total)
             done = 0
             while block := response.read(1 << 20):
                 out.write(block)
                 done += len(block)
                 report(done)
-    except (urllib.error.URLError, TimeoutError, OSError) as error:
+    except (urllib.error.URLError, TimeoutError, OSError, ValueError) as error:
+        if isinstance(error, OSError) and (full := _disk_full(error, target.parent)):
+            raise full from error
         raise DataError(
-            f"could not download {url}: {error}. On a machine without internet, point the "
+            f"could not download {shown}: {redact_text(str(error), url)}. On a machine without internet, point the "
             f"{SOURCE_ENV_VAR} environment variable (or data.source in params.yaml) at a local "
             f"folder or tarball of CIFAR-10, or at an s3:// copy"
         ) from error
 
 
-def _download_s3(uri: str, target: Path) -> None:
+def _download_s3(uri: str, target: Path, *, cifar_file: bool = False) -> None:
+    """`uri` into `target`; a `cifar_file` (named as `target` is) larger than CIFAR-10's is
+    refused before the download."""
     import boto3
     from botocore.exceptions import BotoCoreError, ClientError
 
@@ -166,6 +248,8 @@ def _download_s3(uri: str, target: Path) -> None:
         # S3-compatible stores, AWS_* variables, ~/.aws, instance profiles).
         client = boto3.client("s3")
         size = client.head_object(Bucket=bucket, Key=key)["ContentLength"]
+        if cifar_file:
+            _check_size(target.name, size, uri)
         report = _progress_printer(f"downloading {uri}", size)
         done = [0]
 
@@ -187,7 +271,7 @@ def _fetch_into(source: str, staging: Path) -> None:
         _download(source, tarball)
         if source == OFFICIAL_URL and (actual := md5_of(tarball)) != OFFICIAL_TARBALL_MD5:
             raise DataError(f"checksum mismatch for {source}: expected md5 {OFFICIAL_TARBALL_MD5}, got {actual}")
-        _unpack_tarball(tarball, staging, source)
+        _unpack_tarball(tarball, staging, redact(source))
         tarball.unlink()
     elif source.startswith("s3://"):
         if source.endswith((".tar.gz", ".tgz", ".tar")):
@@ -197,13 +281,14 @@ def _fetch_into(source: str, staging: Path) -> None:
             tarball.unlink()
         else:
             for name in OFFICIAL_MD5:
-                _download_s3(f"{source.rstrip('/')}/{name}", staging / name)
+                _download_s3(f"{source.rstrip('/')}/{name}", staging / name, cifar_file=True)
     else:
         path = Path(source).expanduser()
         if path.is_dir():
             for name in OFFICIAL_MD5:
                 if not (path / name).is_file():
                     raise DataError(f"{path} has no file {name}; a CIFAR-10 folder holds {', '.join(OFFICIAL_MD5)}")
+                _check_size(name, (path / name).stat().st_size, str(path))
                 shutil.copyfile(path / name, staging / name)
         elif path.is_file():
             _unpack_tarball(path, staging, str(path))
@@ -220,14 +305,19 @@ def fetch(source: str, destination: Path, checksums: Mapping[str, str] = OFFICIA
     On any failure `destination` is left as it was and no temporary file remains.
     """
     destination = Path(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=destination.parent))
+    try:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=destination.parent))
+    except OSError as error:
+        raise _disk_full(error, destination.parent) or error
     try:
         _fetch_into(source, staging)
-        verify_folder(staging, checksums, origin=source)
+        verify_folder(staging, checksums, origin=redact(source))
         if destination.exists():
             shutil.rmtree(destination)
         os.replace(staging, destination)
+    except OSError as error:
+        raise _disk_full(error, destination.parent) or error
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return destination
@@ -237,14 +327,48 @@ def fetch(source: str, destination: Path, checksums: Mapping[str, str] = OFFICIA
 # Decoding
 
 
+class _ArrayType:
+    """What a CIFAR-10 file gets for the global numpy.ndarray: only a token for `_reconstruct`'s
+    first argument. Called itself, numpy.ndarray(shape, dtype, buffer, offset, strides) makes a
+    view of any shape over a few bytes (zero strides), which a later copy turns into gigabytes."""
+
+    def __call__(self, *args, **kwargs):
+        raise pickle.UnpicklingError("numpy.ndarray(...) called directly is not allowed in a CIFAR-10 file")
+
+
+ARRAY_TYPE = _ArrayType()
+# The dtypes the official files use: bytes, as the arrays are created, and unsigned bytes.
+ALLOWED_DTYPES = frozenset({"b", "u1", "i1", "uint8", "int8"})
+
+
+def _reconstruct(subtype, shape, dtype):
+    """numpy's `_reconstruct(ndarray, (0,), b"b")`, which the official files use to start an
+    empty array whose state (shape, dtype, bytes) comes next: numpy then checks the bytes
+    against the shape, so the array is never larger than the file."""
+    if subtype is not ARRAY_TYPE or shape != (0,):
+        raise pickle.UnpicklingError(f"numpy _reconstruct({subtype!r}, {shape!r}) is not how CIFAR-10 files start "
+                                     f"an array")
+    return _numpy_reconstruct(np.ndarray, shape, _dtype(dtype))
+
+
+def _dtype(spec, align=False, copy=True):
+    text = spec.decode("latin-1") if isinstance(spec, bytes) else spec
+    if text not in ALLOWED_DTYPES:
+        raise pickle.UnpicklingError(f"dtype {text!r} is not one of a CIFAR-10 file's ({', '.join(sorted(ALLOWED_DTYPES))})")
+    return np.dtype(text, align, copy)
+
+
 class _CifarUnpickler(pickle.Unpickler):
-    """Allows only the numpy globals that the official files reference."""
+    """Allows only the numpy globals that the official files reference, each bounded to the use
+    those files make of it."""
 
     def find_class(self, module: str, name: str):
-        if (module, name) in {("numpy", "ndarray"), ("numpy", "dtype")}:
-            return getattr(np, name)
+        if (module, name) == ("numpy", "ndarray"):
+            return ARRAY_TYPE
+        if (module, name) == ("numpy", "dtype"):
+            return _dtype
         if (module, name) in {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct")}:
-            return _numpy_reconstruct
+            return _reconstruct
         raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a CIFAR-10 file")
 
 

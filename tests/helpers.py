@@ -124,3 +124,27 @@ def train_on_the_stack(stack: dict, project: Path, params_file: str) -> subproce
     return subprocess.run([sys.executable, "-m", "pipeline.train", "--params", params_file], cwd=project,
                           env=stage_env() | stack["env"] | {"PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
                           timeout=600)
+
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 that a test can stop and start again (same store)."""
+
+    def __init__(self, root: Path):
+        self.root, self.port = root, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+             "--artifacts-destination", str(self.root / "artifacts")],
+            env=stage_env() | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True)
+        wait_for(f"{self.uri}/health", self.process, "the MLflow server", self.root / "no.log")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            kill_session(self.process.pid)
+            self.process.wait(timeout=60)
+            self.process = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -119,6 +120,52 @@ def test_wrong_shapes_and_labels_are_refused(small_cifar, tmp_path):
         load(bad, checksums)
 
 
+def test_a_zero_stride_array_in_a_pickle_is_refused_before_it_can_grow(small_cifar, tmp_path):
+    """162 bytes that numpy.ndarray(shape, dtype, buffer, offset, strides) would turn into a
+    10-million-image view of one byte, and the first copy into 30 GB."""
+    folder, md5_list = small_cifar
+    bad = tmp_path / "bad"
+    fetch(str(folder), bad, read_md5_list(md5_list))
+
+    class ZeroStrides:
+        def __reduce__(self):
+            return (np.ndarray, ((10**7, 3072), np.dtype("u1"), b"\0", 0, (0, 0)))
+
+    (bad / "data_batch_2").write_bytes(pickle.dumps({b"data": ZeroStrides(), b"labels": [0] * 10}, protocol=3))
+    checksums = read_md5_list(md5_list) | {"data_batch_2": cifar10.md5_of(bad / "data_batch_2")}
+    with pytest.raises(DataError, match=r"data_batch_2 is not a valid CIFAR-10 pickle: numpy.ndarray\(...\) called"):
+        load(bad, checksums)
+    (bad / "data_batch_2").write_bytes(pickle.dumps({b"data": np.zeros((2, 3072)), b"labels": [0, 1]}, protocol=3))
+    checksums["data_batch_2"] = cifar10.md5_of(bad / "data_batch_2")
+    with pytest.raises(DataError, match=r"data_batch_2 is not a valid CIFAR-10 pickle: dtype 'f8' is not one of"):
+        load(bad, checksums)
+
+
+def test_a_source_with_files_larger_than_cifar_is_refused_before_copying(small_cifar, tmp_path):
+    folder, md5_list = small_cifar
+    huge = 20 * 2**30  # sparse: costs nothing on disk, and as a tar member compresses to almost nothing
+    big = tmp_path / "big" / "cifar-10-batches-py"
+    big.mkdir(parents=True)
+    for name in cifar10.OFFICIAL_MD5:
+        (big / name).write_bytes((folder / name).read_bytes())
+    with open(big / "data_batch_4", "r+b") as grown:
+        grown.truncate(huge)
+    expected = f"data_batch_4 is {huge:,} bytes, but CIFAR-10's is at most {32 * 2**20:,}; this is not CIFAR-10"
+    with pytest.raises(DataError, match=expected):
+        fetch(str(big), tmp_path / "raw" / "a", read_md5_list(md5_list))
+    tarball = tmp_path / "big.tar.gz"
+    with tarfile.open(tarball, "w:gz") as tar:
+        for name in cifar10.OFFICIAL_MD5:
+            if name != "data_batch_4":
+                tar.add(folder / name, arcname=f"cifar-10-batches-py/{name}")
+        member = tarfile.TarInfo("cifar-10-batches-py/data_batch_4")
+        member.size = 40 * 2**20  # 40 MB of zeros: 40 kB in the tarball
+        tar.addfile(member, io.BytesIO(bytes(member.size)))
+    with pytest.raises(DataError, match=f"data_batch_4 is {40 * 2**20:,} bytes, but CIFAR-10's is at most"):
+        fetch(str(tarball), tmp_path / "raw" / "b", read_md5_list(md5_list))
+    assert leftovers(tmp_path / "raw") == []  # nothing copied, no staging left
+
+
 @pytest.mark.skipif(not REAL_CIFAR10.is_dir(), reason="real CIFAR-10 not present beside the project")
 def test_real_cifar10_through_the_fetch_and_preprocess_stages(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -157,6 +204,29 @@ def test_training_reads_prepared_data_once_and_names_runs_by_its_bytes(tmp_path,
     # Runs are named after this digest, so it must stay what earlier runs were named after.
     expected = hashlib.sha256(b"".join(read_bytes(prepared / n) for n in ("train.npz", "val.npz", "stats.json")))
     assert digest == expected.hexdigest()
+
+
+def test_preprocess_refuses_a_prepared_dir_that_it_did_not_write_before_any_work(tmp_path, monkeypatch):
+    """The swap deletes the previous folder: never one holding anything else."""
+    monkeypatch.chdir(tmp_path)
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "thesis.tex").write_text("years of work")
+    params = parse_params({"data": {"prepared_dir": str(home), "raw_dir": str(tmp_path / "nothing-fetched")}})
+    with pytest.raises(DataError) as error:
+        preprocess(params)
+    assert str(error.value) == (f"data.prepared_dir {home} holds thesis.tex, which this stage did not write; "
+                                f"preprocessing replaces the whole folder and would delete them: point "
+                                f"data.prepared_dir at a new or empty folder")
+    assert (home / "thesis.tex").read_text() == "years of work"
+    previous = tmp_path / "previous"  # a previous output, or an empty folder, may be replaced
+    previous.mkdir()
+    (previous / "train.npz").write_bytes(b"old")
+    for folder in (previous, tmp_path / "empty"):
+        folder.mkdir(exist_ok=True)
+        params = parse_params({"data": {"prepared_dir": str(folder), "raw_dir": str(tmp_path / "nothing-fetched")}})
+        with pytest.raises(DataError, match="does not exist; run the fetch stage first"):  # past the check
+            preprocess(params)
 
 
 def test_stratified_split_is_deterministic_disjoint_and_proportional():

@@ -6,6 +6,7 @@ stops with one message naming what is wrong, and nothing half-written is ever ta
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import json
@@ -22,7 +23,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from helpers import (
-    BIN,
+    MlflowServer,
     free_port,
     kill_session,
     recorded_checkpoint,
@@ -30,8 +31,8 @@ from helpers import (
     run,
     session_processes,
     stage_env,
-    wait_for,
 )
+from resattn.cifar10 import DataError, fetch, read_md5_list
 from resattn.data import write_json
 
 pytestmark = pytest.mark.slow
@@ -198,30 +199,6 @@ def test_an_unreachable_tracking_server_stops_training_before_it_starts(project,
     assert time.monotonic() - started < 60 and result.stdout == ""  # no run opened, no Ray started
 
 
-class MlflowServer:
-    """A real `mlflow server` on 127.0.0.1 that a test can stop and start again (same store)."""
-
-    def __init__(self, root: Path):
-        self.root, self.port = root, free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-             "--artifacts-destination", str(self.root / "artifacts")],
-            env=stage_env() | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, start_new_session=True)
-        wait_for(f"{self.uri}/health", self.process, "the MLflow server", self.root / "no.log")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            kill_session(self.process.pid)
-            self.process.wait(timeout=60)
-            self.process = None
-
-
 def test_a_tracking_server_lost_mid_run_costs_no_training_and_the_rerun_logs_the_rest(project, tmp_path):
     if not (project / "data/prepared/train.npz").exists():
         run(["dvc", "repro", "preprocess"], project)
@@ -293,6 +270,19 @@ def fill(filesystem: Path) -> Path:
     return filler
 
 
+def test_fetching_onto_a_full_disk_says_so_and_leaves_nothing(small_filesystem, small_cifar):
+    folder, md5_list = small_cifar
+    raw = small_filesystem / "raw"
+    raw.mkdir()
+    filler = fill(small_filesystem)
+    with pytest.raises(DataError) as error:
+        fetch(str(folder), raw / "cifar-10-batches-py", read_md5_list(md5_list))
+    assert str(error.value).startswith(f"no space left on the disk of {raw} (0 MB free; CIFAR-10 needs about 180 MB")
+    assert "data.raw_dir" in str(error.value)
+    assert list(raw.iterdir()) == []  # no partial folder left
+    filler.unlink()
+
+
 def test_outputs_on_a_full_disk_fail_clearly_and_keep_the_previous_file(small_filesystem):
     target = small_filesystem / "reports" / "evaluate.json"
     write_json(target, {"test_accuracy": 0.5})
@@ -334,14 +324,60 @@ def test_a_full_disk_while_checkpointing_keeps_the_last_good_checkpoint_and_resu
     assert [int(row["epoch"]) for row in history(project)] == list(range(1, EPOCHS + 1))
 
 
-def test_a_killed_dvc_repro_resumes_training_when_rerun(project, uninterrupted, tmp_path):
-    """The same, one level up: `dvc repro` killed (with its stage, its Ray and the workers)."""
+@contextlib.contextmanager
+def params_yaml_for(project: Path, run_name: str):
+    """The project's params.yaml training EPOCHS epochs as `run_name` (what `dvc repro` reads),
+    put back as it was afterwards."""
     original = (project / "params.yaml").read_text()
     params = yaml.safe_load(original)
     params["train"] |= {"epochs": EPOCHS}
-    params["ray"]["run_name"] = "repro-kill"
+    params["ray"]["run_name"] = run_name
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     try:
+        yield
+    finally:
+        (project / "params.yaml").write_text(original)
+
+
+def wait_until_session_is_empty(session: int, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while (left := [" ".join(p.cmdline())[:80] for p in session_processes(session)]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"still running {timeout:.0f} s after SIGTERM: {left}"
+
+
+def test_sigterm_stops_the_train_driver_or_dvc_repro_with_its_ray_and_a_rerun_resumes(project, tmp_path):
+    """What a scheduler or `kill` sends, to the driver alone or to `dvc repro` alone: the
+    stage, its local Ray and the workers all stop (nothing outlives it), and the next run
+    resumes from the last checkpoint."""
+    if not (project / "data/prepared/train.npz").exists():
+        run(["dvc", "repro", "preprocess"], project)
+    with params_yaml_for(project, "sigterm"):
+        for command, epoch in [([sys.executable, "-m", "pipeline.train"], 1), (["dvc", "repro", "train"], 2)]:
+            with open(tmp_path / "run.log", "w") as out:
+                driver = subprocess.Popen(command, cwd=project, env=stage_env(), stdout=out, stderr=subprocess.STDOUT,
+                                          start_new_session=True)
+            try:
+                wait_for_epoch(project, "sigterm", epoch, driver)
+                driver.send_signal(signal.SIGTERM)  # to that one process
+                driver.wait(timeout=90)
+                wait_until_session_is_empty(driver.pid)
+            finally:
+                kill_session(driver.pid)
+            if command[0] == sys.executable:  # under dvc, the stage's last words may not reach the log
+                log = (tmp_path / "run.log").read_text()
+                assert "stopped (SIGTERM or Ctrl-C); rerun the same command to resume" in log, log[-3000:]
+        done = recorded_epoch(project / "ray_results", "sigterm")
+        assert 2 <= done < EPOCHS  # under dvc too, the stage stopped: it did not train on to the end
+        # Not `dvc repro`: a finished run enters DVC's run cache, and the next test's would not train.
+        again = run([sys.executable, "-m", "pipeline.train"], project).stdout
+        assert f"resuming from the checkpoint of epoch {done}" in again
+        assert f"epoch {EPOCHS}/{EPOCHS}:" in again
+
+
+def test_a_killed_dvc_repro_resumes_training_when_rerun(project, uninterrupted, tmp_path):
+    """The same, one level up: `dvc repro` killed (with its stage, its Ray and the workers)."""
+    with params_yaml_for(project, "repro-kill"):
         with open(tmp_path / "repro.log", "w") as out:
             driver = subprocess.Popen(["dvc", "repro", "train"], cwd=project, env=stage_env(), stdout=out,
                                       stderr=subprocess.STDOUT, start_new_session=True)
@@ -356,5 +392,3 @@ def test_a_killed_dvc_repro_resumes_training_when_rerun(project, uninterrupted, 
         assert f"resuming from the checkpoint of epoch {done}" in again
         assert all(f"epoch {e}/{EPOCHS}:" not in again for e in range(1, done + 1))
         assert_same_metrics(history(project), uninterrupted)
-    finally:
-        (project / "params.yaml").write_text(original)

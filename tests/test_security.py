@@ -1,24 +1,29 @@
-"""Credentials stay where the AWS chain keeps them: a real training run with its checkpoints on
-an S3-compatible server, under distinctive fake keys, and every output searched for them:
-console, MLflow params, tags and metrics, the files the stage wrote, every object in the bucket."""
+"""Credentials stay where they are given: a real training run with its checkpoints on an
+S3-compatible server, under distinctive fake keys, and every output searched for them (console,
+MLflow params, tags and metrics, the files the stage wrote, every object in the bucket); and a
+data source URL with a password and a token, which params refuse and the environment may carry,
+fetched from a real HTTP server that asks for both, with neither ever printed."""
 
 from __future__ import annotations
 
+import base64
+import http.server
 import subprocess
 import sys
+import tarfile
+import threading
 
 import boto3
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from helpers import run, stage_env
-
-pytestmark = pytest.mark.slow
+from helpers import ROOT, run, shipped_params, stage_env
 ACCESS_KEY = "AKIAFAKEFAKEFAKEFAKE"
 SECRET_KEY = "fake/Secret+Key0123456789abcdefghijklmnop"
 
 
+@pytest.mark.slow
 def test_no_output_of_a_run_on_s3_contains_the_credentials(project, s3_server, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
@@ -51,3 +56,63 @@ def test_no_output_of_a_run_on_s3_contains_the_credentials(project, s3_server, m
     assert len(outputs) > 10
     for name, text in outputs.items():
         assert ACCESS_KEY not in text and SECRET_KEY not in text, name
+
+
+PASSWORD, TOKEN = "Pa55w0rd-0f-alice", "t0ken-0f-alice"
+
+
+def serve_with_credentials(tarball: bytes) -> http.server.ThreadingHTTPServer:
+    """An HTTP server on 127.0.0.1 that serves `tarball` only to alice with her password and token."""
+    login = "Basic " + base64.b64encode(f"alice:{PASSWORD}".encode()).decode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the name http.server calls
+            allowed = self.headers.get("Authorization") == login and self.path == f"/c.tar.gz?token={TOKEN}"
+            body = tarball if allowed else b"no"
+            self.send_response(200 if allowed else 401)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_a_source_url_with_credentials_is_refused_in_params_and_never_shown_from_the_environment(small_cifar,
+                                                                                                  tmp_path):
+    folder, md5_list = small_cifar
+    tarball = tmp_path / "c.tar.gz"
+    with tarfile.open(tarball, "w:gz") as tar:
+        tar.add(folder, arcname="cifar-10-batches-py")
+    server = serve_with_credentials(tarball.read_bytes())
+    url = f"http://alice:{PASSWORD}@127.0.0.1:{server.server_port}/c.tar.gz?token={TOKEN}"
+    raw = shipped_params()
+    raw["data"] |= {"checksums": str(md5_list), "raw_dir": str(tmp_path / "raw")}
+
+    def fetch(source: str, in_environment: bool) -> subprocess.CompletedProcess:
+        params = raw | {"data": raw["data"] | ({} if in_environment else {"source": source})}
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+        env = stage_env() | {"PYTHONPATH": str(ROOT)} | ({"RESATTN_CIFAR10_SOURCE": source} if in_environment else {})
+        return subprocess.run([sys.executable, "-m", "pipeline.fetch"], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=120)
+
+    try:
+        refused = fetch(url, in_environment=False)
+        assert refused.returncode == 1
+        assert "data.source: it carries credentials (user:password, token), and params are copied into dvc.lock" in \
+            refused.stderr
+        fetched = fetch(url, in_environment=True)
+        assert fetched.returncode == 0, fetched.stderr[-3000:]
+        assert f"fetching CIFAR-10 from http://127.0.0.1:{server.server_port}/c.tar.gz?token=***" in fetched.stdout
+        assert (tmp_path / "raw/cifar-10-batches-py/data_batch_1").is_file()
+        wrong = fetch(url.replace(PASSWORD, "wrong-" + PASSWORD).replace(TOKEN, "wrong-" + TOKEN), in_environment=True)
+        assert wrong.returncode == 1 and "HTTP Error 401" in wrong.stderr
+    finally:
+        server.shutdown()
+    for result in (refused, fetched, wrong):
+        for text in (result.stdout, result.stderr):
+            assert PASSWORD not in text and TOKEN not in text, text

@@ -1,9 +1,12 @@
 """MLflow bookkeeping against a real MLflow store (sqlite): a training run is found again by
 its name, carries MLflow's lineage tags and its dataset, and the driver logs exactly the epoch
-metrics the workers could not."""
+metrics the workers could not; and, against a real MLflow server, concurrent registrations
+leave the best model champion."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import random
 import subprocess
 
 import pytest
@@ -11,7 +14,8 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.config import parse_params
 from pipeline.tracking import backfill_metrics, flatten, open_training_run
-from helpers import ROOT
+from helpers import ROOT, MlflowServer
+from pipeline.register import CHAMPION, TEST_ACCURACY_TAG, champion_version, scored_versions, settle_champion
 from pipeline.train import run_identity
 
 
@@ -62,3 +66,39 @@ def test_backfill_logs_only_the_epochs_mlflow_missed(params):
     assert backfill_metrics(client, run_id, history) == 5
     assert [m.step for m in client.get_metric_history(run_id, "val_accuracy")] == [1, 2, 3]
     assert backfill_metrics(client, run_id, history) == 0  # a second pass adds nothing
+
+
+def test_concurrent_registrations_leave_the_best_model_champion(tmp_path):
+    """Six registrations at once against a real MLflow server, three times: whatever order
+    their reads and writes interleave in, `champion` ends on the best-scored version."""
+    server = MlflowServer(tmp_path)
+    server.start()
+    try:
+        client = MlflowClient(server.uri)
+        client.create_registered_model("race")
+        run_id = client.create_run(client.create_experiment("race")).info.run_id
+
+        def register(score: float) -> None:
+            own = MlflowClient(server.uri)  # one client per thread, as concurrent stages have
+            version = own.create_model_version("race", f"runs:/{run_id}/model", run_id).version
+            own.set_model_version_tag("race", version, TEST_ACCURACY_TAG, str(score))
+            settle_champion(own, "race")
+
+        for round_ in range(3):
+            scores = [round(0.5 + 0.4 * random.Random(round_ * 10 + i).random(), 4) for i in range(6)]
+            with concurrent.futures.ThreadPoolExecutor(len(scores)) as pool:
+                list(pool.map(register, scores))
+            scored = scored_versions(client, "race")
+            assert scored[champion_version(client, "race")] == max(scored.values()), (round_, scored)
+
+        # A champion moved by hand to an unscored version, or one with a score that is not a
+        # number, stays where it is: no traceback, no silent replacement.
+        for tag in (None, "n/a"):
+            unscored = client.create_model_version("race", f"runs:/{run_id}/model", run_id).version
+            if tag is not None:
+                client.set_model_version_tag("race", unscored, TEST_ACCURACY_TAG, tag)
+            client.set_registered_model_alias("race", CHAMPION, unscored)
+            register(0.99)
+            assert champion_version(client, "race") == unscored
+    finally:
+        server.stop()

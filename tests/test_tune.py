@@ -122,6 +122,16 @@ def test_a_tiny_sweep_killed_after_two_trials_finishes_on_restore_and_registers_
     champion = client.get_model_version_by_alias("resattn-cifar10", "champion")
     assert champion.run_id == best_child.info.run_id  # the first model registered here
 
+    # The same name with other settings would resume this sweep with them: refused before any trial.
+    for assignment, change in [("tune.num_samples=4", "tune.num_samples 3 -> 4"),
+                               ("train.label_smoothing=0.05", "the training params or the data of its trials differ")]:
+        refused = subprocess.run([sys.executable, str(ROOT / "pipeline" / "tune.py"), "-S", assignment],
+                                 cwd=sweep_project, env=stage_env(), capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 1, refused.stderr[-3000:]
+        assert refused.stderr.startswith(f"error: sweep 'tiny' already exists (MLflow run {parent.info.run_id}) and "
+                                         f"ran with other settings: {change}. Resuming it would mix"), refused.stderr
+        assert "resuming sweep" not in refused.stdout
+
 
 @pytest.mark.parametrize("sweep_assignments", [[], ["profile=paper", "+model.overrides.p=2", "tune.num_samples=2"]])
 def test_the_reproduce_line_composes_the_trial_params_under_any_profile(sweep_assignments):
