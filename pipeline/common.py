@@ -55,8 +55,8 @@ def stop_on_sigterm() -> None:
     """SIGTERM (a scheduler, `kill`, the end of the `dvc repro` that runs this stage) stops the
     stage as Ctrl-C does: the interrupt unwinds it, and its local Ray shuts down with it.
     Python's default would end it at once and leave Ray's processes running. On Linux the stage
-    also asks for SIGTERM when its parent dies: `dvc repro` forwards no signal, and a stage
-    left running by a killed `dvc repro` went on training, with its Ray, to the end."""
+    also asks for SIGTERM when its parent dies, so that it does not train on, with its Ray,
+    after a `dvc repro` killed over it (not yet proven by a test: RELIABILITY.md)."""
     raise_on_sigterm()
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
