@@ -19,8 +19,8 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import importlib.util
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,15 +29,18 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.cluster import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 STACK = [sys.executable, str(ROOT / "infra" / "local_stack.py")]
-PORT_NAMES = ("s3", "mlflow", "ray", "dashboard", "agent", "client")
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def local_stack_ports() -> list[str]:
+    """The names of the ports infra/local_stack.py takes (its PORTS), each a --<name>-port option."""
+    spec = importlib.util.spec_from_file_location("local_stack", ROOT / "infra" / "local_stack.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return list(module.PORTS)
 
 
 class Stack:
@@ -46,7 +49,7 @@ class Stack:
     def __init__(self, folder: Path, nodes: int, cpus: int):
         self.options = ["--dir", str(folder), "--num-cpus", "0", "--worker-nodes", str(nodes),
                         "--worker-node-cpus", str(cpus)]
-        for name in PORT_NAMES:
+        for name in local_stack_ports():
             self.options += [f"--{name}-port", str(free_port())]
         self.folder = folder
 
