@@ -1,4 +1,5 @@
-"""Classify image files with a registered model (default: the champion).
+"""Classify image files with a registered model (default: the champion), loaded only if its
+files are those registered (pipeline/registry.py).
 
     python -m pipeline.predict cat.png truck.jpg [--model models:/resattn-cifar10@champion]
 """
@@ -10,10 +11,12 @@ import sys
 from pathlib import Path
 
 import mlflow
-import mlflow.pytorch
 import torch
+from mlflow.tracking import MlflowClient
 
+from pipeline.common import StageError
 from pipeline.config import ConfigError, load_params
+from pipeline.registry import CHAMPION, load_verified_model
 from pipeline.tracking import resolve_tracking_uri
 from resattn.cifar10 import CLASSES
 from resattn.inference import load_images
@@ -31,14 +34,13 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
-    mlflow.set_tracking_uri(resolve_tracking_uri(params.mlflow.tracking_uri))
-    uri = args.model or f"models:/{params.mlflow.registered_model}@champion"
+    tracking_uri = resolve_tracking_uri(params.mlflow.tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)
+    uri = args.model or f"models:/{params.mlflow.registered_model}@{CHAMPION}"
     try:
-        # Logged as torch.export (pt2): already in inference mode, and loading runs no pickled code.
-        model = mlflow.pytorch.load_model(uri, map_location="cpu")
-    except mlflow.exceptions.MlflowException as error:
-        print(f"error: cannot load {uri}: {error.message}. Run `dvc repro` to register a model first",
-              file=sys.stderr)
+        model = load_verified_model(MlflowClient(tracking_uri), uri)
+    except StageError as error:
+        print(f"error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
     with torch.no_grad():
         probabilities = model(batch)

@@ -1,12 +1,6 @@
-"""DVC stage `register`: log the model to MLflow, register it, and move `champion` only on
-improvement.
-
-Promotion holds under concurrent registrations (a sweep and a `dvc repro` at once): each
-registration scores its version first, then points `champion` at the best-scored version and
-reads again, until what it read before writing is still true after. A registration that read
-before another's score landed sees it on that second read and corrects the alias, so the best
-model ends as champion whichever writes last. A champion without a numeric score (moved by
-hand) is left where it is.
+"""DVC stage `register`: log the model to MLflow, register it with the digest of its files,
+and move `champion` only on improvement, safely beside concurrent registrations (the rules are
+in pipeline/registry.py).
 
 The logged model is self-contained: it normalises its input (float images in [0, 1]), carries
 the resattn package as code, and pins its pip requirements (no slow inference of them).
@@ -16,7 +10,6 @@ Writes reports/register.json with the version and whether it became champion.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import mlflow
@@ -24,71 +17,24 @@ import mlflow.pytorch
 import numpy as np
 import PIL
 import torch
-from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
 import resattn
-from pipeline.common import MODEL_FILE, RUN_FILE, StageError, run_stage
+from pipeline.common import MODEL_FILE, RUN_FILE, run_stage
 from pipeline.config import Params
 from pipeline.remote import check_tracking_server
 from pipeline.evaluate import METRICS_FILE as EVAL_FILE, load_trained_model
+from pipeline.registry import CHAMPION, TEST_ACCURACY_TAG, record_digest, scored_versions, settle_champion
 from pipeline.tracking import resolve_tracking_uri
 from resattn.data import Normalization, load_split, to_tensor_nchw, write_json
 from resattn.inference import NormalizedClassifier
 
 REGISTER_FILE = Path("reports/register.json")
-CHAMPION = "champion"
-TEST_ACCURACY_TAG = "test_accuracy"
 
 
 def pip_requirements() -> list[str]:
     return [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}", f"pillow=={PIL.__version__}"]
-
-
-PROMOTION_ROUNDS = 20
-
-
-def champion_version(client: MlflowClient, name: str) -> str | None:
-    try:
-        return str(client.get_model_version_by_alias(name, CHAMPION).version)  # MLflow gives str or int
-    except MlflowException:
-        return None
-
-
-def scored_versions(client: MlflowClient, name: str) -> dict[str, float]:
-    """{version: test accuracy} of the versions whose accuracy tag is a finite number."""
-    scores = {}
-    for version in client.search_model_versions(f"name = '{name}'"):
-        try:
-            score = float(version.tags.get(TEST_ACCURACY_TAG, "nan"))
-        except ValueError:
-            continue
-        if math.isfinite(score):
-            scores[str(version.version)] = score
-    return scores
-
-
-def settle_champion(client: MlflowClient, name: str) -> str | None:
-    """Point `champion` at the best-scored version (a tie keeps the champion; else the earlier
-    version wins) and return it, or leave an unscored champion alone and return it. Repeats
-    until the scores and the alias read after the write are those read before it."""
-    for _ in range(PROMOTION_ROUNDS):
-        scores, current = scored_versions(client, name), champion_version(client, name)
-        if current is not None and current not in scores:
-            return current
-        best = min(scores, key=lambda version: (-scores[version], version != current, int(version)))
-        if best != current:
-            try:
-                client.set_registered_model_alias(name, CHAMPION, best)
-            except MlflowException:
-                # Another registration set the alias at the same moment (the server's insert
-                # lost the race, seen as a UNIQUE constraint failure): read again.
-                continue
-        if scored_versions(client, name) == scores and champion_version(client, name) == best:
-            return best
-    raise StageError(f"{name}: the champion alias kept changing under other registrations for {PROMOTION_ROUNDS} "
-                     f"rounds; register again")
 
 
 def register_model(params: Params, model_path: Path, run_id: str, test_accuracy: float) -> dict:
@@ -112,11 +58,13 @@ def register_model(params: Params, model_path: Path, run_id: str, test_accuracy:
             name="model",
             signature=signature,
             input_example=example,
+            serialization_format="pt2",  # a graph: loading it runs no pickled code (MLflow's default off Databricks)
             pip_requirements=pip_requirements(),
             code_paths=[str(Path(resattn.__file__).parent)],
             registered_model_name=name,
         )
     version = str(info.registered_model_version)
+    record_digest(client, name, version)
     client.set_model_version_tag(name, version, TEST_ACCURACY_TAG, str(test_accuracy))
 
     champion = settle_champion(client, name)

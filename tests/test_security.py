@@ -8,17 +8,26 @@ from __future__ import annotations
 
 import base64
 import http.server
+import pickle
 import subprocess
 import sys
 import tarfile
 import threading
+from pathlib import Path
 
 import boto3
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
-from helpers import ROOT, run, shipped_params, stage_env
+from helpers import ROOT, run, shipped_params, stage_env, synthetic_split
+from pipeline.config import parse_params
+from pipeline.register import register_model
+from pipeline.registry import record_digest
+from resattn.data import STATS_FILE, save_split, write_json
+from resattn.model import create_model
+from resattn.model_file import save_model
 ACCESS_KEY = "AKIAFAKEFAKEFAKEFAKE"
 SECRET_KEY = "fake/Secret+Key0123456789abcdefghijklmnop"
 
@@ -116,3 +125,64 @@ def test_a_source_url_with_credentials_is_refused_in_params_and_never_shown_from
     for result in (refused, fetched, wrong):
         for text in (result.stdout, result.stderr):
             assert PASSWORD not in text and TOKEN not in text, text
+
+
+class _CreatesFileWhenUnpickled:
+    """What an attacker would put in a model file: unpickling it runs code (here, it only
+    creates a file, which proves it ran)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def test_predict_loads_only_the_registered_files_and_never_unpickles(tmp_path, monkeypatch):
+    """A model registered for real, then its files swapped in the artifact store: predict
+    refuses them by digest; an attacker who also rewrote the digest meets MLflow's pickle
+    refusal. The payload runs nowhere, though MLflow's own loader would run it."""
+    monkeypatch.chdir(tmp_path)  # MLflow's local artifact root (./mlruns) goes here
+    prepared = tmp_path / "data/prepared"
+    save_split(prepared / "val.npz", synthetic_split(20, 3))
+    write_json(prepared / STATS_FILE, {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]})
+    network = create_model("attention56_tiny")
+    save_model(tmp_path / "model.pt", network.state_dict(), network.config, preset="attention56_tiny")
+    raw = shipped_params()
+    raw["mlflow"] |= {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    raw["data"] |= {"prepared_dir": str(prepared)}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    params = parse_params(raw)
+    client = MlflowClient(params.mlflow.tracking_uri)
+    run_id = client.create_run(client.create_experiment("integrity")).info.run_id
+    registration = register_model(params, tmp_path / "model.pt", run_id, 0.5)
+    name, version = params.mlflow.registered_model, str(registration["version"])
+    Image.fromarray(synthetic_split(1, 4).images[0]).save(tmp_path / "a.png")
+
+    def predict() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pipeline.predict", "a.png"], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=300, env=stage_env() | {"PYTHONPATH": str(ROOT)})
+
+    trusted = predict()
+    assert trusted.returncode == 0 and trusted.stdout.startswith("a.png\t"), trusted.stderr[-3000:]
+
+    model_id = client.get_model_version(name, version).source.removeprefix("models:/")
+    stored = Path(client.get_logged_model(model_id).artifact_location.removeprefix("file://"))
+    marker = tmp_path / "payload-ran"
+    (stored / "data/model.pt2").unlink()
+    (stored / "data/model.pth").write_bytes(pickle.dumps(_CreatesFileWhenUnpickled(marker)))
+    (stored / "data/pickle_module_info.txt").write_text("pickle")
+    swapped = predict()
+    assert swapped.returncode == 1
+    assert f"{name} version {version}: its files in the artifact store are not those registered" in swapped.stderr
+    assert not marker.exists()
+
+    record_digest(client, name, version)  # the attacker rewrites the digest too
+    redigested = predict()
+    assert redigested.returncode == 1 and "Deserializing model using pickle is disallowed" in redigested.stderr
+    assert not marker.exists()
+
+    # What predict prevented: MLflow's loader, left to its defaults, runs the payload.
+    subprocess.run([sys.executable, "-c", f"import mlflow.pytorch; mlflow.pytorch.load_model({str(stored)!r})"],
+                   capture_output=True, timeout=300, env=stage_env())
+    assert marker.exists()

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from pipeline.config import parse_params
 from pipeline.tracking import backfill_metrics, flatten, open_training_run
 from helpers import ROOT, MlflowServer
-from pipeline.register import CHAMPION, TEST_ACCURACY_TAG, champion_version, scored_versions, settle_champion
+from pipeline.registry import CHAMPION, TEST_ACCURACY_TAG, champion_version, scored_versions, settle_champion
 from pipeline.train import run_identity
 
 
