@@ -389,3 +389,39 @@ def test_a_killed_dvc_repro_resumes_training_when_rerun(project, uninterrupted, 
         assert f"resuming from the checkpoint of epoch {done}" in again
         assert all(f"epoch {e}/{EPOCHS}:" not in again for e in range(1, done + 1))
         assert_same_metrics(history(project), uninterrupted)
+
+
+# Someone else's Ray on the machine, started by `ray.init()` (no `ray start` record to go by).
+ANOTHER_LOCAL_RAY = """
+import sys
+import ray
+ray.init(num_cpus=1, include_dashboard=False)
+print("up", flush=True)
+sys.stdin.readline()
+print(ray.get(ray.put(41)) + 1, flush=True)
+"""
+
+
+def test_training_beside_another_local_ray_works_and_leaves_that_ray_running(project):
+    """Two local Rays on one machine. Train V2's placement-group cleaner asks Ray's state API,
+    which, not told which Ray, looked for "the" Ray of the machine, found two, and ended the
+    cleaner with a ConnectionError traceback ("Found multiple active Ray instances"): seen here
+    with both of the stage's pointers to its own Ray removed (cluster.py, ray_hooks.py)."""
+    if not (project / "data/prepared/train.npz").exists():
+        run(["dvc", "repro", "preprocess"], project)
+    other = subprocess.Popen([sys.executable, "-c", ANOTHER_LOCAL_RAY], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True, env=stage_env(), start_new_session=True)
+    try:
+        assert other.stdout.readline().strip() == "up"
+        result = run([sys.executable, "-m", "pipeline.train", "--params", write_params(project, "beside", epochs=2)],
+                     project)
+        console = result.stdout + result.stderr
+        assert "epoch 2/2:" in console
+        for complaint in ("multiple active Ray instances", "Failed to query Ray Train Controller actor state"):
+            assert complaint not in console, console[-3000:]
+        other.stdin.write("\n")
+        other.stdin.flush()
+        assert other.stdout.readline().strip() == "42"  # the other Ray was neither joined nor harmed
+    finally:
+        kill_session(other.pid)
+        other.wait(timeout=60)
