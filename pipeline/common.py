@@ -56,7 +56,8 @@ def stop_on_sigterm() -> None:
     stage as Ctrl-C does: the interrupt unwinds it, and its local Ray shuts down with it.
     Python's default would end it at once and leave Ray's processes running. On Linux the stage
     also asks for SIGTERM when its parent dies, so that it does not train on, with its Ray,
-    after a `dvc repro` killed over it (not yet proven by a test: RELIABILITY.md)."""
+    after a `dvc repro` killed over it (DVC dies at once on SIGTERM and passes nothing on; its
+    parent is DVC itself because dvc.yaml `exec`s each stage)."""
     raise_on_sigterm()
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)

@@ -372,6 +372,33 @@ def test_sigterm_stops_the_train_driver_with_its_ray_and_a_rerun_resumes(project
         assert f"epoch {EPOCHS}/{EPOCHS}:" in again
 
 
+def test_sigterm_to_dvc_repro_alone_stops_its_stage_and_ray(project, tmp_path):
+    """`kill <dvc pid>`: DVC dies at once and does not pass the signal on. The stage, DVC's
+    child, asked Linux for SIGTERM on its parent's death, and stops with its Ray. Run with
+    SHELL unset, as in cron, CI and `env -i`: DVC then runs the stage through /bin/sh (dash),
+    which, without the `exec` in dvc.yaml, stayed the stage's parent, and the stage trained on
+    to its last epoch."""
+    if not (project / "data/prepared/train.npz").exists():
+        run(["dvc", "repro", "preprocess"], project)
+    env = stage_env()
+    env.pop("SHELL", None)
+    with params_yaml_for(project, "repro-sigterm"):
+        with open(tmp_path / "repro.log", "w") as out:
+            dvc = subprocess.Popen(["dvc", "repro", "train"], cwd=project, env=env, stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_for_epoch(project, "repro-sigterm", 2, dvc)
+            dvc.send_signal(signal.SIGTERM)  # to DVC alone
+            dvc.wait(timeout=60)
+            wait_until_session_is_empty(dvc.pid)
+        finally:
+            kill_session(dvc.pid)
+        log = (tmp_path / "repro.log").read_text()
+        assert "stopped (SIGTERM or Ctrl-C)" in log, log[-3000:]
+        done = recorded_epoch(project / "ray_results", "repro-sigterm")
+        assert 2 <= done < EPOCHS, done
+
+
 def test_a_killed_dvc_repro_resumes_training_when_rerun(project, uninterrupted, tmp_path):
     """The same, one level up: `dvc repro` killed (with its stage, its Ray and the workers)."""
     with params_yaml_for(project, "repro-kill"):
