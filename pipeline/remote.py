@@ -13,12 +13,12 @@ MLflow server all read: one setting for every tool.
 
 from __future__ import annotations
 
+import os
 import urllib.error
-import urllib.parse
 import urllib.request
 
 from pipeline.config import ConfigError, Params
-from resattn.cifar10 import redact
+from resattn.cifar10 import http_request, redact, redact_text
 
 CREDENTIAL_HELP = (
     "provide them through the standard AWS chain (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
@@ -65,17 +65,24 @@ def check_s3_location(setting: str, uri: str) -> None:
 
 
 def check_tracking_server(uri: str) -> None:
-    """An http(s) MLflow tracking URI answers its health check (local stores need no check)."""
+    """An http(s) MLflow tracking URI answers its health check (local stores need no check),
+    asked with the credentials MLflow itself would send: the URI's user:password, else
+    MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD."""
     if not uri.startswith(("http://", "https://")):
         return
     shown = redact(uri)
+    username, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    login = (username, password or "") if username else None
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10) as response:
+        with urllib.request.urlopen(http_request(f"{uri.rstrip('/')}/health", login), timeout=10) as response:
             response.read()
     except urllib.error.HTTPError as error:
-        raise ConfigError(f"mlflow.tracking_uri {shown}: the server answered HTTP {error.code} to /health") from None
-    except (urllib.error.URLError, TimeoutError, OSError) as error:
-        reason = getattr(error, "reason", error)
+        advice = ("; check its credentials (user:password in the URI, or MLFLOW_TRACKING_USERNAME and "
+                  "MLFLOW_TRACKING_PASSWORD)" if error.code in (401, 403) else "")
+        raise ConfigError(f"mlflow.tracking_uri {shown}: the server answered HTTP {error.code} to /health{advice}") \
+            from None
+    except (urllib.error.URLError, TimeoutError, OSError, ValueError) as error:
+        reason = redact_text(str(getattr(error, "reason", error)), uri)
         raise ConfigError(
             f"mlflow.tracking_uri {shown}: the MLflow server is unreachable ({reason}); start it "
             f"(python infra/local_stack.py up, for a local one) or fix the URI"

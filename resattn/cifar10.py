@@ -208,14 +208,22 @@ def _progress_printer(label: str, total: int | None) -> Callable[[int], None]:
     return report
 
 
-def _download(url: str, target: Path, timeout: float = 60.0) -> None:
-    """`url` into `target`. A user:password in it (from the environment: params refuse it) is
-    sent as HTTP basic authentication, never printed."""
+def http_request(url: str, login: tuple[str, str] | None = None) -> urllib.request.Request:
+    """A request for `url` with its user:password part (else `login`) as HTTP basic
+    authentication: urllib would take the user:password for part of the host name."""
     parts = urllib.parse.urlsplit(url)
     request = urllib.request.Request(urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])))
     if parts.username is not None:
-        login = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
-        request.add_header("Authorization", f"Basic {base64.b64encode(login.encode()).decode()}")
+        login = (urllib.parse.unquote(parts.username), urllib.parse.unquote(parts.password or ""))
+    if login is not None:
+        request.add_header("Authorization", f"Basic {base64.b64encode(':'.join(login).encode()).decode()}")
+    return request
+
+
+def _download(url: str, target: Path, timeout: float = 60.0) -> None:
+    """`url` into `target`. A user:password in it (from the environment: params refuse it) is
+    sent as HTTP basic authentication, never printed."""
+    request = http_request(url)
     shown = redact(url)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response, open(target, "wb") as out:

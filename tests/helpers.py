@@ -4,11 +4,14 @@ exactly the processes a test started."""
 
 from __future__ import annotations
 
+import base64
+import http.server
 import importlib.util
 import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from types import ModuleType
 
@@ -148,3 +151,25 @@ class MlflowServer:
             kill_session(self.process.pid)
             self.process.wait(timeout=60)
             self.process = None
+
+
+def serve_with_credentials(user: str, password: str, path: str, body: bytes) -> http.server.ThreadingHTTPServer:
+    """An HTTP server on 127.0.0.1 that answers GET `path` (query included) with `body` only to
+    `user` with `password` (HTTP basic authentication), and anything else with 401."""
+    login = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the name http.server calls
+            allowed = self.headers.get("Authorization") == login and self.path == path
+            answer = body if allowed else b"no"
+            self.send_response(200 if allowed else 401)
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server

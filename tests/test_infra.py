@@ -18,7 +18,7 @@ import boto3
 import pytest
 import yaml
 
-from helpers import BIN, ROOT, free_port, infra_module, wait_for
+from helpers import BIN, ROOT, free_port, infra_module, serve_with_credentials, wait_for
 from pipeline.config import ConfigError, load_params, parse_params, resolve
 from pipeline.remote import check_run_services, check_s3_location, check_tracking_server, redact
 
@@ -137,13 +137,36 @@ def test_rejected_credentials_are_one_clear_error_without_the_secret(s3_server_c
     assert FAKE_SECRET not in message and "AKIAFAKE" not in message
 
 
-def test_an_unreachable_tracking_server_is_named_without_its_password():
-    uri = f"http://user:hunter2@127.0.0.1:{free_port()}"
+def test_a_tracking_server_behind_a_password_is_reached_and_never_named_with_it(monkeypatch):
+    """A server that answers /health only with the password, as MLflow behind basic
+    authentication does: the check sends the URI's user:password (or MLflow's own variables)
+    as MLflow would, and no message ever shows the password."""
+    password = "hunter2-of-alice"
+    server = serve_with_credentials("alice", password, "/health", b"OK")
+    address = f"127.0.0.1:{server.server_port}"
+    try:
+        check_tracking_server(f"http://alice:{password}@{address}")
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+        check_tracking_server(f"http://{address}")
+        monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
+        messages = []
+        for uri in (f"http://alice:wrong-{password}@{address}", f"http://{address}"):
+            with pytest.raises(ConfigError) as error:
+                check_tracking_server(uri)
+            messages.append(str(error.value))
+        assert messages[0] == (f"mlflow.tracking_uri http://{address}: the server answered HTTP 401 to /health; check "
+                               f"its credentials (user:password in the URI, or MLFLOW_TRACKING_USERNAME and "
+                               f"MLFLOW_TRACKING_PASSWORD)")
+    finally:
+        server.shutdown()
+    unreachable = f"http://alice:{password}@127.0.0.1:{free_port()}"
     with pytest.raises(ConfigError) as error:
-        check_tracking_server(uri)
-    assert "mlflow.tracking_uri http://127.0.0.1:" in str(error.value)
-    assert "the MLflow server is unreachable" in str(error.value)
-    assert "hunter2" not in str(error.value)
+        check_tracking_server(unreachable)
+    messages.append(str(error.value))
+    assert "the MLflow server is unreachable ([Errno 111] Connection refused)" in messages[-1]
+    for message in messages:
+        assert password not in message, message
     assert redact("s3://bucket/key") == "s3://bucket/key"
 
 

@@ -6,13 +6,10 @@ fetched from a real HTTP server that asks for both, with neither ever printed.""
 
 from __future__ import annotations
 
-import base64
-import http.server
 import pickle
 import subprocess
 import sys
 import tarfile
-import threading
 from pathlib import Path
 
 import boto3
@@ -21,7 +18,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from helpers import ROOT, run, shipped_params, stage_env, synthetic_split
+from helpers import ROOT, run, serve_with_credentials, shipped_params, stage_env, synthetic_split
 from pipeline.config import parse_params
 from pipeline.register import register_model
 from pipeline.registry import record_digest
@@ -70,34 +67,13 @@ def test_no_output_of_a_run_on_s3_contains_the_credentials(project, s3_server, m
 PASSWORD, TOKEN = "Pa55w0rd-0f-alice", "t0ken-0f-alice"
 
 
-def serve_with_credentials(tarball: bytes) -> http.server.ThreadingHTTPServer:
-    """An HTTP server on 127.0.0.1 that serves `tarball` only to alice with her password and token."""
-    login = "Basic " + base64.b64encode(f"alice:{PASSWORD}".encode()).decode()
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - the name http.server calls
-            allowed = self.headers.get("Authorization") == login and self.path == f"/c.tar.gz?token={TOKEN}"
-            body = tarball if allowed else b"no"
-            self.send_response(200 if allowed else 401)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
-
-
 def test_a_source_url_with_credentials_is_refused_in_params_and_never_shown_from_the_environment(small_cifar,
                                                                                                   tmp_path):
     folder, md5_list = small_cifar
     tarball = tmp_path / "c.tar.gz"
     with tarfile.open(tarball, "w:gz") as tar:
         tar.add(folder, arcname="cifar-10-batches-py")
-    server = serve_with_credentials(tarball.read_bytes())
+    server = serve_with_credentials("alice", PASSWORD, f"/c.tar.gz?token={TOKEN}", tarball.read_bytes())
     url = f"http://alice:{PASSWORD}@127.0.0.1:{server.server_port}/c.tar.gz?token={TOKEN}"
     raw = shipped_params()
     raw["data"] |= {"checksums": str(md5_list), "raw_dir": str(tmp_path / "raw")}
