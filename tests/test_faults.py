@@ -10,6 +10,7 @@ import contextlib
 import csv
 import errno
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -17,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -164,24 +166,68 @@ def test_when_no_checkpoint_loads_the_error_names_every_file(project, interrupte
         assert path.read_bytes() == b"not a checkpoint"  # evidence kept, nothing overwritten
 
 
-def test_a_preprocess_killed_mid_write_leaves_nothing_that_passes_for_prepared_data(project, tmp_path):
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+def folder_arrays(folder: Path) -> dict[str, list]:
+    """What a prepared folder holds, as arrays (np.savez stamps each write with the time)."""
+    held = {}
+    for path in sorted(folder.iterdir()):
+        with np.load(path) if path.suffix == ".npz" else contextlib.nullcontext(None) as archive:
+            held[path.name] = [archive[key].tolist() for key in archive.files] if archive else path.read_text()
+    return held
+
+
+def staging_folders(parent: Path) -> set[str]:
+    return {entry.path for entry in os.scandir(parent)
+            if entry.name.startswith(".prepared-staging-") and not entry.name.endswith("-retired")}
+
+
+def stopped_while_staging(process: subprocess.Popen, parent: Path, delay: float, stale: set[str]) -> list[str] | None:
+    """SIGSTOP `process` `delay` seconds after its own staging folder (not one of the `stale`
+    folders a killed run left) appears in `parent`, and return what the folder then held; None
+    if the process ended or swapped first."""
+    while process.poll() is None:
+        staging = sorted(staging_folders(parent) - stale)
+        if staging:
+            time.sleep(delay)
+            os.kill(process.pid, signal.SIGSTOP)
+            try:
+                return sorted(os.listdir(staging[0]))
+            except FileNotFoundError:
+                return None  # swapped in before the stop
+    return None
+
+
+def test_a_preprocess_killed_mid_write_leaves_the_previous_prepared_data_byte_for_byte(project):
+    """Kills landed at known points: each stops the stage while its staging folder is being
+    written (a file half-written in it, seen), then SIGKILLs it. The previous folder stays byte for
+    byte, and the next run writes what a clean run writes."""
     run(["dvc", "repro", "fetch"], project)
+    run([sys.executable, "-m", "pipeline.preprocess"], project)
     prepared = project / "data" / "prepared"
-    before = {p.name: p.read_bytes() for p in prepared.iterdir()} if prepared.is_dir() else None
-    for delay in (0.5, 1.0, 1.5, 2.0, 2.5, 3.0):
+    before_bytes, before_arrays = folder_bytes(prepared), folder_arrays(prepared)
+    seen = []
+    for attempt in range(40):
+        stale = staging_folders(prepared.parent)
         process = subprocess.Popen([sys.executable, "-m", "pipeline.preprocess"], cwd=project, env=stage_env(),
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        time.sleep(delay)
-        kill_session(process.pid)
-        process.wait(timeout=60)
-        # Either the complete folder of a finished run (old or new), or none at all.
-        if prepared.exists():
-            names = sorted(p.name for p in prepared.iterdir())
-            assert names == ["stats.json", "test.npz", "train.npz", "val.npz"], (delay, names)
-            if before is not None and process.returncode != 0:
-                assert {p.name: p.read_bytes() for p in prepared.iterdir()} == before
+        try:
+            held = stopped_while_staging(process, prepared.parent, 0.001 * (attempt % 6), stale)
+        finally:
+            kill_session(process.pid)
+            process.wait(timeout=60)
+        if held is None:
+            continue
+        seen.append(held)
+        assert folder_bytes(prepared) == before_bytes, held  # not a byte of the previous folder touched
+        if sum(any(name.startswith(".") for name in held) for held in seen) >= 3:
+            break
+    mid_write = [held for held in seen if any(name.startswith(".") for name in held)]  # a temp file being written
+    assert len(mid_write) >= 3, f"kills did not land while a file was being written: {seen}"
     run([sys.executable, "-m", "pipeline.preprocess"], project)
-    assert sorted(p.name for p in prepared.iterdir()) == ["stats.json", "test.npz", "train.npz", "val.npz"]
+    assert folder_arrays(prepared) == before_arrays
     assert not list(prepared.parent.glob(".prepared-staging-*"))  # the killed runs' leftovers are gone
 
 
