@@ -28,6 +28,7 @@ from pipeline.remote import redact
 from pipeline.tracking import EpochLogger
 from pipeline.worker import train_loop_per_worker
 
+LOOPBACK_ONLY_ENV_VAR = ray._private.ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
 # A Ray instance started for one run, on one machine, does not need these Ray Train helpers.
 # Each Ray process costs ~0.7% of a core even when idle, which on 2 cores is taken from the
 # training worker's intra-op threads (BENCHMARKS.md, "Ray Train's overhead"). The local Ray's
@@ -37,6 +38,11 @@ LOCAL_RAY_ENV = {
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     # Prometheus metrics for the Ray dashboard's Grafana panels; MLflow has the run's metrics.
     "RAY_TRAIN_METRICS_ENABLED": "0",
+    # Ray's single-machine mode (its default on macOS and Windows): the node's address is
+    # 127.0.0.1, and every process of the local Ray listens there only. Otherwise the GCS, the
+    # raylet and the workers listened on all interfaces, and the job agent and runtime-env
+    # agent on the machine's address (tests/test_cluster.py checks every listening socket).
+    LOOPBACK_ONLY_ENV_VAR: "0",
 }
 # Ray Train's own notes (worker group started, each report with its checkpoint) stay in Ray's
 # log files; the console gets warnings and errors, and the pipeline's own lines.
@@ -123,6 +129,8 @@ def start_ray(params: Params, *, sweep: bool = False) -> None:
     if local:
         for key, value in LOCAL_RAY_ENV.items():
             os.environ.setdefault(key, value)
+        # This process imported Ray before it knew the run is local: tell its copy too.
+        ray._private.ray_constants.ENABLE_RAY_CLUSTER = os.environ[LOOPBACK_ONLY_ENV_VAR] != "0"
         # Ray 2.60 turns token authentication on for a new local Ray and warns that it did, on
         # every start; it stays on, the warning goes.
         logging.getLogger(RAY_AUTH_SETUP_LOGGER).setLevel(logging.ERROR)

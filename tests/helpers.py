@@ -173,3 +173,18 @@ def serve_with_credentials(user: str, password: str, path: str, body: bytes) -> 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
+
+
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+
+
+def listening_sockets(processes: list[psutil.Process]) -> list[tuple[str, int, str]]:
+    """(address, port, process) of every TCP socket the `processes` listen on."""
+    names = {}
+    for process in processes:
+        try:
+            names[process.pid] = " ".join(process.cmdline())[:120] or process.name()
+        except psutil.NoSuchProcess:
+            pass
+    return sorted((c.laddr.ip, c.laddr.port, names[c.pid]) for c in psutil.net_connections(kind="tcp")
+                  if c.status == psutil.CONN_LISTEN and c.pid in names)

@@ -20,11 +20,23 @@ from pathlib import Path
 
 import boto3
 import psutil
+import ray
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from helpers import ROOT, free_port, kill_session, local_stack, params_variant, session_processes, stage_env, train_on_the_stack
+from helpers import (
+    LOOPBACK,
+    ROOT,
+    free_port,
+    kill_session,
+    listening_sockets,
+    local_stack,
+    params_variant,
+    session_processes,
+    stage_env,
+    train_on_the_stack,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -70,13 +82,22 @@ def bucket_keys(state: dict, bucket: str, prefix: str = "") -> list[str]:
     return [item["Key"] for page in pages for item in page.get("Contents", [])]
 
 
-def test_the_local_stack_listens_on_loopback_only(stack):
-    ports = {urllib.parse.urlsplit(url).port for url in
-             (stack["mlflow_tracking_uri"], stack["ray_dashboard"], stack["env"]["AWS_ENDPOINT_URL"])}
-    listening = [c for c in psutil.net_connections(kind="inet")
-                 if c.status == psutil.CONN_LISTEN and c.laddr.port in ports]
-    assert {c.laddr.port for c in listening} == ports
-    assert {c.laddr.ip for c in listening} == {"127.0.0.1"}
+def test_the_local_stack_serves_on_loopback_and_exposes_only_rays_internal_ports(stack):
+    """Every listening socket of every process the stack started. MLflow, the S3 server and the
+    Ray dashboard (with the job API) are on loopback only. A multi-node Ray listens where other
+    nodes reach it, on all interfaces or on the machine's address, by design (Ray's security
+    guide: keep those ports behind a firewall; the stack turns on Ray's token authentication):
+    every other socket belongs to a Ray process."""
+    processes = [process for session in stack["sessions"].values() for process in session_processes(session)]
+    sockets = listening_sockets(processes)
+    services = {urllib.parse.urlsplit(url).port for url in
+                (stack["mlflow_tracking_uri"], stack["ray_dashboard"], stack["env"]["AWS_ENDPOINT_URL"])}
+    assert services <= {port for _, port, _ in sockets}, sockets
+    assert all(address in LOOPBACK for address, port, _ in sockets if port in services), sockets
+    exposed = [socket for socket in sockets if socket[0] not in LOOPBACK]
+    ray_code = str(Path(ray.__file__).parent)
+    assert all(process.startswith("ray::") or ray_code in process or " -m ray." in process for _, _, process in exposed), \
+        exposed
 
 
 def start_training(stack: dict, project: Path, params_file: str, log: Path) -> subprocess.Popen:
