@@ -165,3 +165,21 @@ def exclusive_ray_ports():
         held = _locked(RAY_PORTS_LOCK, fcntl.LOCK_EX)
     with held:
         yield held.close
+
+
+# --------------------------------------------------------------------------------------------
+# A skipped test is a check that did not happen: the full-disk tests need root (to mount a
+# tmpfs), one data test the real CIFAR-10 beside the project. Say so at the end, where no one
+# misses it, not only in the one-letter "s" of the progress line.
+
+
+@pytest.hookimpl(trylast=True)  # after the durations, just above the short summary and the totals
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    skipped = terminalreporter.stats.get("skipped", [])
+    if not skipped:
+        return
+    terminalreporter.section(f"{len(skipped)} TEST(S) DID NOT RUN: what they check is unverified here", sep="!",
+                             red=True, bold=True)
+    for report in skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        terminalreporter.line(f"{report.nodeid}: {reason.removeprefix('Skipped: ')}", red=True, bold=True)

@@ -464,11 +464,11 @@ def test_a_killed_dvc_repro_resumes_training_when_rerun(project, uninterrupted, 
         assert_same_metrics(history(project), uninterrupted)
 
 
-# Someone else's Ray on the machine, started by `ray.init()` (no `ray start` record to go by).
+# Someone else's Ray on the machine, started by `ray.init()` (no `ray start` record of it to go by).
 ANOTHER_LOCAL_RAY = """
 import sys
 import ray
-ray.init(num_cpus=1, include_dashboard=False)
+ray.init(address="local", num_cpus=1, include_dashboard=False)  # its own, whatever `ray start` runs here
 print("up", flush=True)
 sys.stdin.readline()
 print(ray.get(ray.put(41)) + 1, flush=True)

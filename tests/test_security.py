@@ -1,8 +1,7 @@
-"""Credentials stay where they are given: a real training run with its checkpoints on an
-S3-compatible server, under distinctive fake keys, and every output searched for them (console,
-MLflow params, tags and metrics, the files the stage wrote, every object in the bucket); and a
-data source URL with a password and a token, which params refuse and the environment may carry,
-fetched from a real HTTP server that asks for both, with neither ever printed."""
+"""Security, for real. Credentials stay where they are given: a whole `dvc repro` under fake
+AWS keys and a data source carrying a password and a token, every output searched for them;
+a source URL with credentials refused in params. What `predict` loads is what was registered
+and runs no pickled code. A stage and its local Ray listen on loopback only."""
 
 from __future__ import annotations
 
@@ -10,10 +9,12 @@ import pickle
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
 import boto3
+import mlflow.artifacts
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
@@ -38,27 +39,58 @@ from pipeline.registry import record_digest
 from resattn.data import STATS_FILE, save_split, write_json
 from resattn.model import create_model
 from resattn.model_file import save_model
+
+PASSWORD, TOKEN = "Pa55w0rd-0f-alice", "t0ken-0f-alice"
 ACCESS_KEY = "AKIAFAKEFAKEFAKEFAKE"
 SECRET_KEY = "fake/Secret+Key0123456789abcdefghijklmnop"
+SECRETS = (ACCESS_KEY, SECRET_KEY, PASSWORD, TOKEN)
+
+
+def ray_session_logs(since: float) -> dict[str, str]:
+    """The log files of every local Ray session started since `since` (this test's and any other
+    test's running beside it: searching more costs nothing)."""
+    logs = {}
+    for session in Path(tempfile.gettempdir(), "ray").glob("session_2*"):
+        if session.stat().st_mtime >= since:
+            for path in (session / "logs").rglob("*"):
+                if path.is_file():
+                    logs[str(path)] = path.read_bytes().decode("latin-1")
+    return logs
 
 
 @pytest.mark.slow
-def test_no_output_of_a_run_on_s3_contains_the_credentials(project, s3_server, monkeypatch):
+def test_no_output_of_a_pipeline_run_contains_a_credential(project, s3_server, monkeypatch, tmp_path):
+    """`dvc repro` from the fetch on, with AWS keys for checkpoints on an S3 server and a data
+    source in the environment that carries a password and a token (served by a real HTTP server
+    that demands both). Then every output is searched for each secret: the console, dvc.lock,
+    the files the stages wrote, every object in the bucket, the MLflow runs' params, tags and
+    metrics and every artifact (the registered model's files included), and Ray's session logs."""
+    started = time.time()
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)  # Ray's storage layer (pyarrow) reads this one
     boto3.session.Session().client("s3").create_bucket(Bucket="runs")
-    if not (project / "data/prepared/train.npz").exists():
-        run(["dvc", "repro", "preprocess"], project)
-    params = yaml.safe_load((project / "params.yaml").read_text())
+    source = Path(yaml.safe_load((project / "params.yaml").read_text())["data"]["source"])
+    tarball = tmp_path / "c.tar.gz"
+    with tarfile.open(tarball, "w:gz") as tar:
+        tar.add(source, arcname="cifar-10-batches-py")
+    server = serve_with_credentials("alice", PASSWORD, f"/c.tar.gz?token={TOKEN}", tarball.read_bytes())
+    url = f"http://alice:{PASSWORD}@127.0.0.1:{server.server_port}/c.tar.gz?token={TOKEN}"
+    original = (project / "params.yaml").read_text()
+    params = yaml.safe_load(original)
     params["train"] |= {"epochs": 2}
     params["ray"] |= {"run_name": "secrets", "storage_path": "s3://runs/ray"}
-    (project / "secrets.yaml").write_text(yaml.safe_dump(params))
-    result = subprocess.run([sys.executable, "-m", "pipeline.train", "--params", "secrets.yaml"], cwd=project,
-                            env=stage_env(), capture_output=True, text=True, timeout=600)
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    try:
+        result = subprocess.run(["dvc", "repro", "--force"], cwd=project, env=stage_env() | {"RESATTN_CIFAR10_SOURCE": url},
+                                capture_output=True, text=True, timeout=900)
+    finally:
+        (project / "params.yaml").write_text(original)
+        server.shutdown()
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "fetching CIFAR-10 from http://127.0.0.1:" in result.stdout  # from the environment's source
 
-    outputs = {"stdout": result.stdout, "stderr": result.stderr}
+    outputs = {"stdout": result.stdout, "stderr": result.stderr, "dvc.lock": (project / "dvc.lock").read_text()}
     for path in [*(project / "reports").rglob("*"), *(project / "models").rglob("*")]:
         if path.is_file():
             outputs[str(path)] = path.read_bytes().decode("latin-1")
@@ -67,17 +99,24 @@ def test_no_output_of_a_run_on_s3_contains_the_credentials(project, s3_server, m
     assert any(key.endswith("state.pt") for key in keys)  # the checkpoints did go to the bucket
     for key in keys:
         outputs[f"s3://runs/{key}"] = client.get_object(Bucket="runs", Key=key)["Body"].read().decode("latin-1")
-    tracking = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    tracking_uri = f"sqlite:///{project / 'mlflow.db'}"
+    tracking = MlflowClient(tracking_uri)
     experiment = tracking.get_experiment_by_name("resattn-cifar10")
-    for mlflow_run in tracking.search_runs([experiment.experiment_id], "tags.ray_run LIKE 'secrets-%'"):
-        outputs[f"mlflow run {mlflow_run.info.run_id}"] = repr(
-            (mlflow_run.data.params, mlflow_run.data.tags, sorted(mlflow_run.data.metrics)))
-    assert len(outputs) > 10
+    (secrets_run,) = tracking.search_runs([experiment.experiment_id], "tags.ray_run LIKE 'secrets-%'")
+    outputs["mlflow run"] = repr((secrets_run.data.params, secrets_run.data.tags, sorted(secrets_run.data.metrics)))
+    mlflow.set_tracking_uri(tracking_uri)
+    downloaded = [Path(mlflow.artifacts.download_artifacts(run_id=secrets_run.info.run_id, dst_path=str(tmp_path / "run"))),
+                  Path(mlflow.artifacts.download_artifacts(f"models:/{params['mlflow']['registered_model']}@champion",
+                                                           dst_path=str(tmp_path / "model")))]
+    for path in (path for folder in downloaded for path in folder.rglob("*") if path.is_file()):
+        outputs[f"mlflow artifact {path}"] = path.read_bytes().decode("latin-1")
+    assert any(name.endswith("MLmodel") for name in outputs)
+    logs = ray_session_logs(started)
+    assert any("raylet" in name for name in logs)
+    outputs |= logs
     for name, text in outputs.items():
-        assert ACCESS_KEY not in text and SECRET_KEY not in text, name
-
-
-PASSWORD, TOKEN = "Pa55w0rd-0f-alice", "t0ken-0f-alice"
+        for secret in SECRETS:
+            assert secret not in text, (name, secret)
 
 
 def test_a_source_url_with_credentials_is_refused_in_params_and_never_shown_from_the_environment(small_cifar,
@@ -127,6 +166,7 @@ class _CreatesFileWhenUnpickled:
         return open, (str(self.marker), "w")
 
 
+@pytest.mark.slow
 def test_predict_loads_only_the_registered_files_and_never_unpickles(tmp_path, monkeypatch):
     """A model registered for real, then its files swapped in the artifact store: predict
     refuses them by digest; an attacker who also rewrote the digest meets MLflow's pickle
@@ -177,6 +217,7 @@ def test_predict_loads_only_the_registered_files_and_never_unpickles(tmp_path, m
     assert marker.exists()
 
 
+@pytest.mark.slow
 def test_a_training_stage_and_its_local_ray_listen_on_loopback_only(project, tmp_path):
     """Every listening socket of a training stage's processes (the driver, its local Ray's GCS,
     raylet, agents, Train controller and workers), taken while it trains: on loopback. By
