@@ -25,6 +25,7 @@ import ray
 from mlflow.tracking import MlflowClient
 from ray.util.state import list_actors, list_placement_groups
 
+from pipeline.ray_hooks import quiet_libraries
 from pipeline.tune import sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,6 +78,7 @@ def main() -> None:
     parser.add_argument("--max-epochs", type=int, default=2)
     parser.add_argument("--train-subset", type=int, default=1000)
     args = parser.parse_args()
+    quiet_libraries()  # as pipeline/tune.py does
 
     prepared = ROOT / "data" / "prepared"
     if not (prepared / "train.npz").is_file():
@@ -103,14 +105,14 @@ def main() -> None:
     (parent,) = client.search_runs([experiment_id], "tags.role = 'sweep' and tags.sweep = 'soak'")
     children = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
                                   max_results=10_000)
-    warm, end = rss.at(0.25), rss.at(1.0)
+    # The last moments are the best trial's evaluation and registration, not trials.
+    warm, end = rss.at(0.25), rss.at(0.95)
     peak = max(sample for _, sample in rss.samples)
     print(f"trials: {summary['trials']} in {hours * 60:.1f} min = {summary['trials'] / hours:.0f} trials/hour "
           f"({summary['stopped_early']} stopped early by ASHA, {summary['trial_epochs']} trial-epochs)")
     print(f"MLflow: {len(children)} child runs under the sweep's parent run (expected {args.samples})")
-    print(f"driver RSS: peak {peak / MIB:.0f} MiB; at 25% of the run {warm / MIB:.0f} MiB, at the end "
-          f"{end / MIB:.0f} MiB: {(end - warm) / MIB:+.0f} MiB after warm-up "
-          f"({(end - warm) / warm:+.1%})")
+    print(f"driver RSS: peak {peak / MIB:.0f} MiB; at 25% of the run {warm / MIB:.0f} MiB, at 95% "
+          f"{end / MIB:.0f} MiB: {(end - warm) / MIB:+.0f} MiB after warm-up ({(end - warm) / warm:+.1%})")
     print(f"Ray afterwards: {cpus['free']:g} of {cpus['total']:g} CPUs free; {len(groups)} placement group(s) "
           f"not removed; actors alive: {sorted(actors) or 'none'}")
 

@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.common import StageError
 from pipeline.config import ConfigError, load_params
+from pipeline.ray_hooks import quiet_libraries
 from pipeline.registry import CHAMPION, load_verified_model
 from pipeline.tracking import resolve_tracking_uri
 from resattn.cifar10 import CLASSES
@@ -28,6 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", help="model URI (default: models:/<registered_model>@champion)")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)
+    quiet_libraries()  # stdout is the predictions; MLflow's notes stay out of stderr too
     try:
         params = load_params(args.params)
         batch = load_images(args.images)
