@@ -28,7 +28,9 @@ from pipeline.remote import redact
 from pipeline.tracking import EpochLogger
 from pipeline.worker import train_loop_per_worker
 
+# "0" puts Ray in its single-machine mode (see LOCAL_RAY_ENV).
 LOOPBACK_ONLY_ENV_VAR = ray._private.ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+
 # A Ray instance started for one run, on one machine, does not need these Ray Train helpers.
 # Each Ray process costs ~0.7% of a core even when idle, which on 2 cores is taken from the
 # training worker's intra-op threads (BENCHMARKS.md, "Ray Train's overhead"). The local Ray's
@@ -41,7 +43,7 @@ LOCAL_RAY_ENV = {
     # Ray's single-machine mode (its default on macOS and Windows): the node's address is
     # 127.0.0.1, and every process of the local Ray listens there only. Otherwise the GCS, the
     # raylet and the workers listened on all interfaces, and the job agent and runtime-env
-    # agent on the machine's address (tests/test_cluster.py checks every listening socket).
+    # agent on the machine's address (tests/test_security.py checks every listening socket).
     LOOPBACK_ONLY_ENV_VAR: "0",
 }
 # Ray Train's own notes (worker group started, each report with its checkpoint) stay in Ray's

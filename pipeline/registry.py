@@ -27,6 +27,7 @@ from pathlib import Path
 
 import mlflow.artifacts
 import mlflow.pytorch
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from torch import nn
@@ -109,7 +110,7 @@ def record_digest(client: MlflowClient, name: str, version: str) -> str:
     return digest
 
 
-def resolve_version(client: MlflowClient, uri: str):
+def resolve_version(client: MlflowClient, uri: str) -> ModelVersion:
     """models:/<name>@<alias> or models:/<name>/<version> -> its ModelVersion."""
     match = MODEL_URI.fullmatch(uri)
     if match is None:
