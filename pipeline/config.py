@@ -183,6 +183,7 @@ class TrainConfig(Section):
 
 class EvaluateConfig(Section):
     flip_tta: bool = True
+    translate_tta: bool = Field(False, description="also average views moved 1 pixel (off until measured at length)")
     batch_size: int = Field(500, ge=1)
     mask_images: int = Field(6, ge=1, le=32)
 

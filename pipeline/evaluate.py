@@ -90,13 +90,14 @@ def evaluate_model(params: Params, model_path: Path, run_id: str, reports: Path)
     # On a GPU in the run's precision; on a CPU in fp32, where it is a small share of the run.
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     result = evaluate(model.to(device), images, labels, norm, batch_size=params.evaluate.batch_size,
-                      flip_tta=params.evaluate.flip_tta, channels_last=True, device=device,
+                      flip_tta=params.evaluate.flip_tta, translate_tta=params.evaluate.translate_tta,
+                      channels_last=True, device=device,
                       autocast_dtype=autocast_dtype(device, params.train.mixed_precision) if device.type == "cuda" else None)
     model = model.cpu()
     counts = confusion_matrix(labels, result.predictions, len(CLASSES))
     per_class = {cls: counts[i, i].item() / max(counts[i].sum().item(), 1) for i, cls in enumerate(CLASSES)}
     metrics = {"test_accuracy": result.accuracy, "test_loss": result.loss, "flip_tta": params.evaluate.flip_tta,
-               "test_accuracy_single_view": result.single_view_accuracy, "per_class_accuracy": per_class}
+               "translate_tta": params.evaluate.translate_tta, "test_accuracy_single_view": result.single_view_accuracy, "per_class_accuracy": per_class}
     reports.mkdir(parents=True, exist_ok=True)
     write_json(reports / METRICS_FILE.name, metrics)
     write_csv(reports / CONFUSION_CSV.name, [{"actual": CLASSES[a], "predicted": CLASSES[p]}
@@ -115,7 +116,9 @@ def evaluate_model(params: Params, model_path: Path, run_id: str, reports: Path)
         client.log_metric(run_id, f"test_accuracy_{cls}", accuracy)
     for name in (METRICS_FILE.name, CONFUSION_PNG.name, MASKS_PNG.name):
         client.log_artifact(run_id, str(reports / name), "evaluation")
-    print(f"test accuracy {result.accuracy:.4f}{' (flip TTA)' if params.evaluate.flip_tta else ''}")
+    views = " + ".join(name for name, on in (("flip", params.evaluate.flip_tta),
+                                              ("translate", params.evaluate.translate_tta)) if on)
+    print(f"test accuracy {result.accuracy:.4f}" + (f" ({views} TTA)" if views else ""))
     return metrics
 
 

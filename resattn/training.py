@@ -246,7 +246,13 @@ class Evaluation:
     accuracy: float
     predictions: torch.Tensor  # (N,) predicted class per image
     probabilities: torch.Tensor  # (N, classes)
-    single_view_accuracy: float  # without flip TTA (what TTA adds is accuracy - this)
+    single_view_accuracy: float  # without TTA (what TTA adds is accuracy - this)
+
+
+def translated_views(x: torch.Tensor, shift: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """`x` moved `shift` pixels down-right and up-left, its edges mirrored in."""
+    padded = F.pad(x, (shift,) * 4, mode="reflect")
+    return padded[:, :, : x.shape[2], : x.shape[3]], padded[:, :, 2 * shift :, 2 * shift :]
 
 
 @torch.no_grad()
@@ -258,12 +264,15 @@ def evaluate(
     *,
     batch_size: int = 500,
     flip_tta: bool = False,
+    translate_tta: bool = False,
     device: torch.device = torch.device("cpu"),
     channels_last: bool = False,
     autocast_dtype: torch.dtype | None = None,
 ) -> Evaluation:
-    """Loss and accuracy over a whole split (single process); with `flip_tta`, the softmax
-    of each image and its mirror image are averaged."""
+    """Loss and accuracy over a whole split (single process). With `flip_tta` the softmax of
+    each image and its mirror image are averaged; with `translate_tta` that average gets equal
+    weight with the mean of the same over the image moved 1 pixel either way along the diagonal
+    (airbench's weighting; BENCHMARKS.md has what it bought here)."""
     model.eval()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     probabilities, single_view_correct = [], torch.zeros((), dtype=torch.int64, device=device)
@@ -271,10 +280,17 @@ def evaluate(
         x = normalize(images[start : start + batch_size].to(device), norm).contiguous(memory_format=memory_format)
         y = labels[start : start + batch_size].to(device)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            probs = model(x).float().softmax(1)
-            single_view_correct += (probs.argmax(1) == y).sum()
-            if flip_tta:
-                probs = (probs + model(x.flip(3)).float().softmax(1)) / 2
+            single = model(x).float().softmax(1)
+            single_view_correct += (single.argmax(1) == y).sum()
+
+            def views_mean(view: torch.Tensor, first: torch.Tensor | None = None) -> torch.Tensor:
+                probs = model(view).float().softmax(1) if first is None else first
+                return (probs + model(view.flip(3)).float().softmax(1)) / 2 if flip_tta else probs
+
+            probs = views_mean(x, single)
+            if translate_tta:
+                moved = translated_views(x)
+                probs = probs / 2 + (views_mean(moved[0]) + views_mean(moved[1])) / 4
         probabilities.append(probs)
     probabilities = torch.cat(probabilities).cpu()  # one copy to the host, at the end
     predictions = probabilities.argmax(1)

@@ -12,7 +12,7 @@ from resattn import PRESETS, create_model, list_presets, model_config
 from resattn.model import AttentionModule, ResidualUnit, SoftMaskBranch
 from resattn.model_file import load_model, save_model
 from resattn.data import Normalization
-from resattn.training import evaluate
+from resattn.training import evaluate, translated_views
 from resattn.summary import count_parameters, main as summary_main
 
 
@@ -165,6 +165,21 @@ def test_flip_tta_averages_each_image_with_its_mirror_and_reports_the_single_vie
     torch.testing.assert_close(tta.probabilities, (plain.probabilities + mirrored.probabilities) / 2)
     assert tta.single_view_accuracy == plain.single_view_accuracy == plain.accuracy
     assert tta.accuracy == (tta.probabilities.argmax(1) == labels).double().mean().item()
+
+
+def test_translate_tta_gives_the_flip_average_and_the_moved_views_equal_weight():
+    torch.manual_seed(0)
+    model = create_model("attention56_tiny").eval()
+    x = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    labels = torch.arange(6)
+    norm = Normalization(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    down, up = translated_views(x)
+    assert torch.equal(down[:, :, 1:, 1:], x[:, :, :-1, :-1]) and torch.equal(up[:, :, :-1, :-1], x[:, :, 1:, 1:])
+    assert torch.equal(down[:, :, 0], down[:, :, 2])  # the edge is mirrored in, not zeros
+    flip = [evaluate(model, view, labels, norm, flip_tta=True).probabilities for view in (x, down, up)]
+    both = evaluate(model, x, labels, norm, flip_tta=True, translate_tta=True)
+    torch.testing.assert_close(both.probabilities, flip[0] / 2 + (flip[1] + flip[2]) / 4)
+    assert both.single_view_accuracy == evaluate(model, x, labels, norm).accuracy
 
 
 @pytest.mark.slow
