@@ -9,7 +9,8 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.config import DEFAULT_PARAMS, ConfigError, Params, load_params
@@ -63,11 +64,20 @@ def stop_on_sigterm() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def stopped_exit() -> SystemExit:
-    """One line, and Ctrl-C's exit status, for a stage stopped by SIGTERM or Ctrl-C."""
-    print("stopped (SIGTERM or Ctrl-C); rerun the same command to resume from the last checkpoint", file=sys.stderr,
-          flush=True)
-    return SystemExit(128 + signal.SIGINT)
+@contextmanager
+def failing_in_one_line() -> Iterator[None]:
+    """Expected failures exit 1 with their message; SIGTERM or Ctrl-C exits with Ctrl-C's
+    status and one line (stop_on_sigterm is asked for here)."""
+    stop_on_sigterm()
+    try:
+        yield
+    except (ConfigError, DataError, StageError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        print("stopped (SIGTERM or Ctrl-C); rerun the same command to resume from the last checkpoint",
+              file=sys.stderr, flush=True)
+        raise SystemExit(128 + signal.SIGINT) from None
 
 
 def change_to_root(root: Path | None) -> None:
@@ -91,11 +101,5 @@ def run_stage(description: str, stage: Callable[[Params], None], argv: list[str]
     args = parser.parse_args(argv)
     change_to_root(args.root)
     quiet_libraries()
-    stop_on_sigterm()
-    try:
+    with failing_in_one_line():
         stage(load_params(args.params))
-    except (ConfigError, DataError, StageError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(1) from None
-    except KeyboardInterrupt:
-        raise stopped_exit() from None

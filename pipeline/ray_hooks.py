@@ -38,9 +38,9 @@ REPORT_LOGGER_MODULE = "ray.train.v2._internal.execution.context"
 
 def quiet_libraries() -> None:
     """Library notes at WARNING, in this process and in those it starts: MLflow's (database
-    tables created, system metrics started, ..., no download progress bars), Ray Train's per-report dump and its note on
-    an earlier run's snapshot. Output lines reach a log file or a pipe as they are printed, not
-    when a buffer fills."""
+    tables created, system metrics started, ...; no download progress bars), Ray Train's
+    per-report dump and its note on an earlier run's snapshot. Output lines reach a log file or
+    a pipe as they are printed, not when a buffer fills."""
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read by mlflow when it is imported
     # MLflow draws a progress bar for every artifact download (a registered model's files, to
     # check their digest): in a log file, a line of carriage returns for a second's work.

@@ -35,8 +35,8 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallba
 
 from pipeline.checkpoints import load_checkpoint_state, save_trained_model
 from pipeline.cluster import build_trainer, check_resources, resolve_storage_path, start_ray
-from pipeline.common import StageError, change_to_root, stop_on_sigterm, stopped_exit
-from pipeline.config import DEFAULT_PARAMS, ConfigError, parse_params, resolve
+from pipeline.common import change_to_root, failing_in_one_line
+from pipeline.config import DEFAULT_PARAMS, parse_params, resolve
 from pipeline.evaluate import evaluate_model
 from pipeline.ray_hooks import quiet_libraries
 from pipeline.register import register_model
@@ -61,7 +61,6 @@ from pipeline.tracking import (
     trial_child_run,
     trial_run_id,
 )
-from resattn.cifar10 import DataError
 from resattn.data import load_prepared, write_json, write_text
 
 
@@ -161,14 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     change_to_root(args.root)
     quiet_libraries()
-    stop_on_sigterm()
-    try:
+    with failing_in_one_line():
         sweep(args.params, args.set)
-    except (ConfigError, DataError, StageError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(1) from None
-    except KeyboardInterrupt:
-        raise stopped_exit() from None
 
 
 if __name__ == "__main__":

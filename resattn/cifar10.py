@@ -11,6 +11,7 @@ or an `s3://bucket/key` of either (boto3, imported only for s3 sources).
 
 from __future__ import annotations
 
+import base64
 import errno
 import hashlib
 import os
@@ -19,7 +20,6 @@ import shutil
 import sys
 import tarfile
 import tempfile
-import base64
 import time
 import urllib.error
 import urllib.parse

@@ -5,6 +5,7 @@ exactly the processes a test started."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.server
 import importlib.util
 import json
@@ -12,6 +13,8 @@ import os
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -111,6 +114,30 @@ def recorded_checkpoint(storage: Path, run_name: str) -> Path:
     """The folder of the checkpoint Ray Train resumes from (a newer one may be half-registered)."""
     latest = _latest_recorded(storage, run_name)
     return latest["run_dir"] / latest["checkpoint_dir_name"]
+
+
+@contextlib.contextmanager
+def params_yaml_with(project: Path, **sections: dict) -> Iterator[None]:
+    """`project`'s params.yaml (what `dvc repro` reads) with `sections` updated, put back as it
+    was afterwards."""
+    original = (project / "params.yaml").read_text()
+    raw = yaml.safe_load(original)
+    for section, values in sections.items():
+        raw[section] |= values
+    (project / "params.yaml").write_text(yaml.safe_dump(raw))
+    try:
+        yield
+    finally:
+        (project / "params.yaml").write_text(original)
+
+
+def wait_for_epoch(root: Path, run_name: str, epoch: int, driver: subprocess.Popen, storage: str = "ray_results") -> None:
+    """Until Ray Train has recorded `epoch`'s checkpoint of `run_name`, while `driver` runs."""
+    deadline = time.monotonic() + 300
+    while recorded_epoch(root / storage, run_name) < epoch:
+        assert driver.poll() is None, "training ended before the fault could be injected"
+        assert time.monotonic() < deadline, "no checkpoint within 5 minutes"
+        time.sleep(0.05)
 
 
 def params_variant(project: Path, name: str, **sections: dict) -> str:

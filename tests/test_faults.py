@@ -28,11 +28,13 @@ from helpers import (
     MlflowServer,
     free_port,
     kill_session,
+    params_yaml_with,
     recorded_checkpoint,
     recorded_epoch,
     run,
     session_processes,
     stage_env,
+    wait_for_epoch,
 )
 from resattn.cifar10 import DataError, fetch, read_md5_list
 from resattn.data import write_json
@@ -58,14 +60,6 @@ def start_training(project: Path, params_file: str, log: Path) -> subprocess.Pop
     with open(log, "w") as out:
         return subprocess.Popen([sys.executable, "-m", "pipeline.train", "--params", params_file], cwd=project,
                                 env=stage_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def wait_for_epoch(root: Path, run_name: str, epoch: int, driver: subprocess.Popen, storage: str = "ray_results") -> None:
-    deadline = time.monotonic() + 300
-    while recorded_epoch(root / storage, run_name) < epoch:
-        assert driver.poll() is None, "training ended before the fault could be injected"
-        assert time.monotonic() < deadline, "no checkpoint within 5 minutes"
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -370,19 +364,9 @@ def test_a_full_disk_while_checkpointing_keeps_the_last_good_checkpoint_and_resu
     assert [int(row["epoch"]) for row in history(project)] == list(range(1, EPOCHS + 1))
 
 
-@contextlib.contextmanager
 def params_yaml_for(project: Path, run_name: str):
-    """The project's params.yaml training EPOCHS epochs as `run_name` (what `dvc repro` reads),
-    put back as it was afterwards."""
-    original = (project / "params.yaml").read_text()
-    params = yaml.safe_load(original)
-    params["train"] |= {"epochs": EPOCHS}
-    params["ray"]["run_name"] = run_name
-    (project / "params.yaml").write_text(yaml.safe_dump(params))
-    try:
-        yield
-    finally:
-        (project / "params.yaml").write_text(original)
+    """The project's params.yaml training EPOCHS epochs as `run_name`, put back afterwards."""
+    return params_yaml_with(project, train={"epochs": EPOCHS}, ray={"run_name": run_name})
 
 
 def wait_until_session_is_empty(session: int, timeout: float = 90) -> None:
@@ -392,26 +376,35 @@ def wait_until_session_is_empty(session: int, timeout: float = 90) -> None:
     assert not left, f"still running {timeout:.0f} s after SIGTERM: {left}"
 
 
+def sigterm_at_epoch_two(command: list[str], project: Path, run_name: str, env: dict[str, str], log: Path) -> int:
+    """Start `command` in a session of its own, send SIGTERM to that one process once epoch 2 is
+    checkpointed, and return the last epoch checkpointed, after checking that the stage said it
+    stopped, that nothing of the session is left, and that training did not run to its end."""
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    try:
+        wait_for_epoch(project, run_name, 2, process)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=90)
+        wait_until_session_is_empty(process.pid)
+    finally:
+        kill_session(process.pid)
+    text = log.read_text()
+    assert "stopped (SIGTERM or Ctrl-C); rerun the same command to resume" in text, text[-3000:]
+    done = recorded_epoch(project / "ray_results", run_name)
+    assert 2 <= done < EPOCHS, done
+    return done
+
+
 def test_sigterm_stops_the_train_driver_with_its_ray_and_a_rerun_resumes(project, tmp_path):
     """What a scheduler or `kill` sends, to the driver alone: the stage, its local Ray and the
     workers all stop (nothing outlives it), and the next run resumes from the last checkpoint."""
     if not (project / "data/prepared/train.npz").exists():
         run(["dvc", "repro", "preprocess"], project)
     with params_yaml_for(project, "sigterm"):
-        with open(tmp_path / "run.log", "w") as out:
-            driver = subprocess.Popen([sys.executable, "-m", "pipeline.train"], cwd=project, env=stage_env(),
-                                      stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            wait_for_epoch(project, "sigterm", 2, driver)
-            driver.send_signal(signal.SIGTERM)  # to that one process
-            driver.wait(timeout=90)
-            wait_until_session_is_empty(driver.pid)
-        finally:
-            kill_session(driver.pid)
-        log = (tmp_path / "run.log").read_text()
-        assert "stopped (SIGTERM or Ctrl-C); rerun the same command to resume" in log, log[-3000:]
-        done = recorded_epoch(project / "ray_results", "sigterm")
-        assert 2 <= done < EPOCHS, done
+        done = sigterm_at_epoch_two([sys.executable, "-m", "pipeline.train"], project, "sigterm", stage_env(),
+                                    tmp_path / "run.log")
         # Not `dvc repro`: a finished run enters DVC's run cache, and the next test's would not train.
         again = run([sys.executable, "-m", "pipeline.train"], project).stdout
         assert f"resuming from the checkpoint of epoch {done}" in again
@@ -429,20 +422,7 @@ def test_sigterm_to_dvc_repro_alone_stops_its_stage_and_ray(project, tmp_path):
     env = stage_env()
     env.pop("SHELL", None)
     with params_yaml_for(project, "repro-sigterm"):
-        with open(tmp_path / "repro.log", "w") as out:
-            dvc = subprocess.Popen(["dvc", "repro", "train"], cwd=project, env=env, stdout=out,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            wait_for_epoch(project, "repro-sigterm", 2, dvc)
-            dvc.send_signal(signal.SIGTERM)  # to DVC alone
-            dvc.wait(timeout=60)
-            wait_until_session_is_empty(dvc.pid)
-        finally:
-            kill_session(dvc.pid)
-        log = (tmp_path / "repro.log").read_text()
-        assert "stopped (SIGTERM or Ctrl-C)" in log, log[-3000:]
-        done = recorded_epoch(project / "ray_results", "repro-sigterm")
-        assert 2 <= done < EPOCHS, done
+        sigterm_at_epoch_two(["dvc", "repro", "train"], project, "repro-sigterm", env, tmp_path / "repro.log")
 
 
 def test_a_killed_dvc_repro_resumes_training_when_rerun(project, uninterrupted, tmp_path):

@@ -25,13 +25,15 @@ from helpers import (
     ROOT,
     kill_session,
     listening_sockets,
-    recorded_epoch,
+    params_variant,
+    params_yaml_with,
     run,
     serve_with_credentials,
     session_processes,
     shipped_params,
     stage_env,
     synthetic_split,
+    wait_for_epoch,
 )
 from pipeline.config import parse_params
 from pipeline.register import register_model
@@ -70,22 +72,18 @@ def test_no_output_of_a_pipeline_run_contains_a_credential(project, s3_server, m
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)  # Ray's storage layer (pyarrow) reads this one
     boto3.session.Session().client("s3").create_bucket(Bucket="runs")
-    source = Path(yaml.safe_load((project / "params.yaml").read_text())["data"]["source"])
+    project_params = yaml.safe_load((project / "params.yaml").read_text())
+    source = Path(project_params["data"]["source"])
     tarball = tmp_path / "c.tar.gz"
     with tarfile.open(tarball, "w:gz") as tar:
         tar.add(source, arcname="cifar-10-batches-py")
     server = serve_with_credentials("alice", PASSWORD, f"/c.tar.gz?token={TOKEN}", tarball.read_bytes())
     url = f"http://alice:{PASSWORD}@127.0.0.1:{server.server_port}/c.tar.gz?token={TOKEN}"
-    original = (project / "params.yaml").read_text()
-    params = yaml.safe_load(original)
-    params["train"] |= {"epochs": 2}
-    params["ray"] |= {"run_name": "secrets", "storage_path": "s3://runs/ray"}
-    (project / "params.yaml").write_text(yaml.safe_dump(params))
     try:
-        result = subprocess.run(["dvc", "repro", "--force"], cwd=project, env=stage_env() | {"RESATTN_CIFAR10_SOURCE": url},
-                                capture_output=True, text=True, timeout=900)
+        with params_yaml_with(project, train={"epochs": 2}, ray={"run_name": "secrets", "storage_path": "s3://runs/ray"}):
+            result = subprocess.run(["dvc", "repro", "--force"], cwd=project, capture_output=True, text=True,
+                                    env=stage_env() | {"RESATTN_CIFAR10_SOURCE": url}, timeout=900)
     finally:
-        (project / "params.yaml").write_text(original)
         server.shutdown()
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "fetching CIFAR-10 from http://127.0.0.1:" in result.stdout  # from the environment's source
@@ -106,7 +104,7 @@ def test_no_output_of_a_pipeline_run_contains_a_credential(project, s3_server, m
     outputs["mlflow run"] = repr((secrets_run.data.params, secrets_run.data.tags, sorted(secrets_run.data.metrics)))
     mlflow.set_tracking_uri(tracking_uri)
     downloaded = [Path(mlflow.artifacts.download_artifacts(run_id=secrets_run.info.run_id, dst_path=str(tmp_path / "run"))),
-                  Path(mlflow.artifacts.download_artifacts(f"models:/{params['mlflow']['registered_model']}@champion",
+                  Path(mlflow.artifacts.download_artifacts(f"models:/{project_params['mlflow']['registered_model']}@champion",
                                                            dst_path=str(tmp_path / "model")))]
     for path in (path for folder in downloaded for path in folder.rglob("*") if path.is_file()):
         outputs[f"mlflow artifact {path}"] = path.read_bytes().decode("latin-1")
@@ -224,18 +222,12 @@ def test_a_training_stage_and_its_local_ray_listen_on_loopback_only(project, tmp
     default Ray's listened on all interfaces or on the machine's address."""
     if not (project / "data/prepared/train.npz").exists():
         run(["dvc", "repro", "preprocess"], project)
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["train"] |= {"epochs": 3}
-    params["ray"]["run_name"] = "loopback"
-    (project / "loopback.yaml").write_text(yaml.safe_dump(params))
+    params_file = params_variant(project, "loopback", train={"epochs": 3}, ray={"run_name": "loopback"})
     with open(tmp_path / "train.log", "w") as out:
-        driver = subprocess.Popen([sys.executable, "-m", "pipeline.train", "--params", "loopback.yaml"], cwd=project,
+        driver = subprocess.Popen([sys.executable, "-m", "pipeline.train", "--params", params_file], cwd=project,
                                   env=stage_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 300
-        while recorded_epoch(project / "ray_results", "loopback") < 1:
-            assert driver.poll() is None and time.monotonic() < deadline, (tmp_path / "train.log").read_text()[-3000:]
-            time.sleep(0.2)
+        wait_for_epoch(project, "loopback", 1, driver)
         sockets = listening_sockets(session_processes(driver.pid))
         assert driver.wait(timeout=300) == 0, (tmp_path / "train.log").read_text()[-3000:]
     finally:
