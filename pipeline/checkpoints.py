@@ -20,6 +20,7 @@ import torch
 from pipeline.config import Params
 from resattn.model import model_config
 from resattn.model_file import save_model
+from resattn.training import trained_weights
 
 STATE_FILE = "state.pt"
 CHECKPOINTS_KEPT = 2
@@ -81,7 +82,7 @@ def has_concluded(state: dict, epochs: int) -> bool:
 
 
 def save_trained_model(state: dict, params: Params, path: Path) -> None:
-    """The final weights of a training state (a training run's, or a sweep's best trial's) as a
-    model file (resattn.model_file)."""
-    save_model(path, state["model"], model_config(params.model.preset, **params.model.build_kwargs()),
+    """The final weights of a training state (a training run's, or a sweep's best trial's), its
+    weight average's if it keeps one, as a model file (resattn.model_file)."""
+    save_model(path, trained_weights(state), model_config(params.model.preset, **params.model.build_kwargs()),
                preset=params.model.preset)

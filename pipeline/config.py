@@ -94,6 +94,8 @@ class OptimizerConfig(Section):
     nesterov: bool = True
     weight_decay: float = Field(1e-4, ge=0)
     decay_norm_and_bias: bool = True
+    norm_and_bias_lr_multiplier: float = Field(1.0, gt=0, description="BN parameters' and biases' learning rate "
+                                                                       "over the weights'")
 
 
 class ScheduleConfig(Section):
@@ -117,6 +119,12 @@ class TrainConfig(Section):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(128, ge=2, description="global: split evenly across workers")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    ema_decay: float = Field(0.0, ge=0, lt=1, description="0: off; else a moving average of the weights and BN "
+                                                          "statistics, updated every step with this decay, is what "
+                                                          "is validated and saved")
+    alternating_flip: bool = Field(False, description="mirror a fixed half of the images in even epochs and the "
+                                                      "other half in odd ones, instead of a coin per image and epoch")
+    bn_momentum: float = Field(0.1, gt=0, le=1, description="the weight of each batch in BN's running statistics")
     seed: int = Field(0, ge=0)
     train_subset: int = Field(0, ge=0, description="0: every training image")
     num_workers: int | list[int] = Field(

@@ -34,9 +34,11 @@ from resattn.training import (
     global_sums,
     grad_scaler,
     restore_training_state,
+    set_batchnorm_momentum,
     train_epoch,
     training_state,
     unwrap,
+    weight_average,
 )
 
 PROGRESS_SECONDS = 20.0
@@ -73,7 +75,8 @@ def optimizer_and_scheduler(model: nn.Module, train: TrainConfig, steps_per_epoc
     optimizer steps."""
     opt, schedule = train.optimizer, train.schedule
     optimizer = build_optimizer(model, opt.name, opt.lr, momentum=opt.momentum, nesterov=opt.nesterov,
-                                weight_decay=opt.weight_decay, decay_norm_and_bias=opt.decay_norm_and_bias)
+                                weight_decay=opt.weight_decay, decay_norm_and_bias=opt.decay_norm_and_bias,
+                                norm_and_bias_lr_multiplier=opt.norm_and_bias_lr_multiplier)
     scheduler = build_scheduler(
         optimizer,
         total_steps=steps_per_epoch * train.epochs,
@@ -119,6 +122,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     torch.manual_seed(train_cfg.seed)
     model = create_model(params.model.preset, **params.model.build_kwargs())
+    set_batchnorm_momentum(model, train_cfg.bn_momentum)
     if train_cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if train_cfg.sync_batchnorm:  # batch statistics over every worker's share of the batch
@@ -131,6 +135,7 @@ def train_loop_per_worker(config: dict) -> None:
     if steps_per_epoch == 0:
         raise ValueError(f"{len(train_labels)} training images make no batch of {train_cfg.batch_size}")
     optimizer, scheduler = optimizer_and_scheduler(model, train_cfg, steps_per_epoch)
+    average = weight_average(model, train_cfg.ema_decay)
 
     start_epoch, history = 0, []
     if checkpoint := ray.train.get_checkpoint():
@@ -138,7 +143,7 @@ def train_loop_per_worker(config: dict) -> None:
         if "diverged" in state:
             report_divergence(state["diverged"], state["epoch"], rank, state["history"])
             return
-        start_epoch, history = restore_training_state(state, model, optimizer, scheduler, scaler)
+        start_epoch, history = restore_training_state(state, model, optimizer, scheduler, scaler, average)
         if rank == 0:
             print(f"resuming from the checkpoint of epoch {start_epoch}", flush=True)
 
@@ -165,13 +170,14 @@ def train_loop_per_worker(config: dict) -> None:
                     model, optimizer, scheduler, train_images, train_labels, norm,
                     batch_size=per_worker_batch, seed=train_cfg.seed, epoch=epoch, rank=rank, world_size=world_size,
                     label_smoothing=train_cfg.label_smoothing, device=device, channels_last=train_cfg.channels_last,
-                    autocast_dtype=precision, scaler=scaler, progress=progress,
+                    autocast_dtype=precision, scaler=scaler, average=average,
+                    alternating_flip=train_cfg.alternating_flip, progress=progress,
                 )
             except NonFiniteLossError as error:
                 report_divergence(str(error), epoch, rank, history)
                 return
             val = evaluate(
-                unwrap(model), val_images, val_labels, norm, batch_size=train_cfg.eval_batch_size,
+                unwrap(model) if average is None else average.module, val_images, val_labels, norm, batch_size=train_cfg.eval_batch_size,
                 device=device, channels_last=train_cfg.channels_last, autocast_dtype=precision,
             )
             val_loss, val_correct, val_count = global_sums(
@@ -197,7 +203,7 @@ def train_loop_per_worker(config: dict) -> None:
                 f"acc {metrics['val_accuracy']:.4f} | {metrics['images_per_second']:.0f} img/s",
                 flush=True,
             )
-            report_state(metrics, training_state(model, optimizer, scheduler, epoch, history, scaler))
+            report_state(metrics, training_state(model, optimizer, scheduler, epoch, history, scaler, average))
             print(f"checkpoint saved for epoch {epoch + 1}", flush=True)
     finally:
         if sampling:

@@ -171,8 +171,10 @@ def normalize(images: torch.Tensor, norm: Normalization, dtype: torch.dtype = to
     return torch.addcmul(shift, images.to(dtype), scale)
 
 
-def random_crop_flip(images: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
-    """The paper's augmentation for a uint8 NCHW batch: zero-pad, random crop, random h-flip.
+def random_crop_flip(images: torch.Tensor, generator: torch.Generator, padding: int = 4,
+                     flip: torch.Tensor | None = None) -> torch.Tensor:
+    """The paper's augmentation for a uint8 NCHW batch: zero-pad, random crop, random h-flip
+    (or the h-flip of the images `flip`, a boolean per image, says).
 
     One gather for the whole batch instead of a Python loop over images; working on uint8
     moves a quarter of the bytes of float. The offsets are drawn where `generator` is: with
@@ -183,13 +185,23 @@ def random_crop_flip(images: torch.Tensor, generator: torch.Generator, padding: 
     padded = torch.nn.functional.pad(images, (padding, padding, padding, padding))
     dy = torch.randint(0, 2 * padding + 1, (n, 1), generator=generator, device=device)
     dx = torch.randint(0, 2 * padding + 1, (n, 1), generator=generator, device=device)
-    flip = torch.rand(n, 1, generator=generator, device=device) < 0.5
+    flip = torch.rand(n, 1, generator=generator, device=device) < 0.5 if flip is None else flip.view(n, 1)
     rows = dy + torch.arange(height, device=device)  # (n, H)
     cols = dx + torch.arange(width, device=device)  # (n, W)
     cols = torch.where(flip, cols.flip(1), cols)
     batch = torch.arange(n, device=device).view(n, 1, 1, 1)
     channel = torch.arange(images.shape[1], device=device).view(1, -1, 1, 1)
     return padded[batch, channel, rows.view(n, 1, height, 1), cols.view(n, 1, 1, width)]
+
+
+def alternating_flips(num_items: int, seed: int, epoch: int, device: torch.device = torch.device("cpu")
+                      ) -> torch.Tensor:
+    """Which of the images to mirror in `epoch` (airbench's alternating flip): a random half,
+    fixed by `seed`, in even epochs, and the other half in odd ones, so that every image is
+    seen both ways in every two epochs, where a fresh coin per epoch shows a quarter of them
+    one way only."""
+    generator = torch.Generator(device=device).manual_seed(seed * 7_919 + 17)
+    return (torch.rand(num_items, generator=generator, device=device) < 0.5) ^ bool(epoch % 2)
 
 
 def epoch_batches(

@@ -17,22 +17,27 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from resattn.data import Normalization, epoch_batches, normalize, random_crop_flip
+from resattn.data import Normalization, alternating_flips, epoch_batches, normalize, random_crop_flip
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("step", "cosine", "onecycle", "constant")
 
 
-def parameter_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool) -> list[dict]:
-    """Weight decay on conv and linear weights only, unless `decay_norm_and_bias` (the paper
-    decays everything; sparing BN and biases is one of the fast-training tricks)."""
-    if decay_norm_and_bias:
-        return [{"params": list(model.parameters()), "weight_decay": weight_decay}]
-    decay, no_decay = [], []
-    for parameter in model.parameters():
-        (decay if parameter.ndim > 1 else no_decay).append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def parameter_groups(model: nn.Module, lr: float, weight_decay: float, decay_norm_and_bias: bool,
+                     norm_and_bias_lr_multiplier: float = 1.0) -> list[dict]:
+    """Two groups: conv and linear weights; BN parameters and biases. The second gets weight
+    decay only with `decay_norm_and_bias` (the paper decays everything; sparing BN and biases
+    is one of the fast-training tricks) and its learning rate times `norm_and_bias_lr_multiplier`
+    (airbench trains them faster)."""
+    weights = [parameter for parameter in model.parameters() if parameter.ndim > 1]
+    norm_and_bias = [parameter for parameter in model.parameters() if parameter.ndim <= 1]
+    return [
+        {"params": weights, "lr": lr, "weight_decay": weight_decay},
+        {"params": norm_and_bias, "lr": lr * norm_and_bias_lr_multiplier,
+         "weight_decay": weight_decay if decay_norm_and_bias else 0.0},
+    ]
 
 
 def build_optimizer(
@@ -44,8 +49,9 @@ def build_optimizer(
     nesterov: bool = True,
     weight_decay: float = 0.0,
     decay_norm_and_bias: bool = True,
+    norm_and_bias_lr_multiplier: float = 1.0,
 ) -> torch.optim.Optimizer:
-    groups = parameter_groups(model, weight_decay, decay_norm_and_bias)
+    groups = parameter_groups(model, lr, weight_decay, decay_norm_and_bias, norm_and_bias_lr_multiplier)
     # foreach: one kernel per parameter group instead of one per tensor (hundreds here).
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0, foreach=True)
@@ -54,6 +60,23 @@ def build_optimizer(
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, foreach=True)
     raise ValueError(f"unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS)}")
+
+
+def set_batchnorm_momentum(model: nn.Module, momentum: float) -> None:
+    """The weight of each batch's statistics in every BN layer's running estimate (torch's
+    default 0.1; airbench uses 0.6, so the estimate follows the fast-changing weights)."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.momentum = momentum
+
+
+def weight_average(model: nn.Module, decay: float) -> AveragedModel | None:
+    """An exponential moving average of `model`'s weights and BN statistics, to be updated
+    after every optimizer step (`train_epoch` does) and validated and kept in place of the
+    weights themselves; None when `decay` is 0 (off)."""
+    if not decay:
+        return None
+    return AveragedModel(unwrap(model), multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def lr_factor(
@@ -172,6 +195,8 @@ def train_epoch(
     channels_last: bool = False,
     autocast_dtype: torch.dtype | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    average: AveragedModel | None = None,
+    alternating_flip: bool = False,
     check_loss_each_step: bool | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> EpochResult:
@@ -182,8 +207,10 @@ def train_epoch(
     resumed at an epoch boundary replays exactly what an uninterrupted run would have done.
     With the images on a GPU, they are drawn there too, and a bf16 or fp32 step makes no host
     synchronisation at all: the host queues steps ahead of the GPU. `scaler`: fp16's
-    GradScaler (`grad_scaler`). `progress`, if given, is called after every batch with this
-    worker's images so far.
+    GradScaler (`grad_scaler`). `average`, if given (`weight_average`), is updated after every
+    step. `alternating_flip` mirrors a fixed random half of the images in even epochs and the
+    other half in odd ones (`alternating_flips`), instead of a fresh coin per image and epoch.
+    `progress`, if given, is called after every batch with this worker's images so far.
 
     Raises NonFiniteLossError, on every worker at the same step, when the loss stops being
     finite: with `check_loss_each_step` (the default for images on a CPU, where the check costs
@@ -203,8 +230,10 @@ def train_epoch(
     batches = list(epoch_batches(len(labels), batch_size, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
                                  device=images.device))
     first_bad_step = torch.full((), len(batches), dtype=torch.int64, device=device)  # len: none yet
+    flips = alternating_flips(len(labels), seed, epoch, device=images.device) if alternating_flip else None
+    plain_model = unwrap(model) if average is not None else None
     for step, index in enumerate(batches):
-        batch = random_crop_flip(images[index], augment_rng)
+        batch = random_crop_flip(images[index], augment_rng, flip=None if flips is None else flips[index])
         x = normalize(batch.to(device, non_blocking=True), norm).contiguous(memory_format=memory_format)
         y = labels[index].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
@@ -224,6 +253,8 @@ def train_epoch(
             loss.backward()
             optimizer.step()
         scheduler.step()
+        if average is not None:
+            average.update_parameters(plain_model)
         # Accumulate on the device: no host sync per batch.
         loss_sum += loss.detach().double() * len(y)
         correct += (logits.argmax(1) == y).sum()
@@ -317,10 +348,11 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-                   epoch: int, history: list[dict], scaler: torch.amp.GradScaler | None = None) -> dict:
+                   epoch: int, history: list[dict], scaler: torch.amp.GradScaler | None = None,
+                   average: AveragedModel | None = None) -> dict:
     """Everything that resumes training after `epoch` (0-based) exactly: weights, optimizer and
-    schedule state, fp16's loss scale, the RNG, and the per-epoch metrics so far. Tensors and
-    plain values only, so it loads with `weights_only`."""
+    schedule state, fp16's loss scale, the weight average, the RNG, and the per-epoch metrics
+    so far. Tensors and plain values only, so it loads with `weights_only`."""
     state = {
         "model": unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -331,17 +363,31 @@ def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler
     }
     if scaler is not None and scaler.is_enabled():
         state["grad_scaler"] = scaler.state_dict()
+    if average is not None:
+        state["weight_average"] = average.state_dict()
     return state
 
 
 def restore_training_state(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer,
                            scheduler: torch.optim.lr_scheduler.LRScheduler,
-                           scaler: torch.amp.GradScaler | None = None) -> tuple[int, list[dict]]:
+                           scaler: torch.amp.GradScaler | None = None,
+                           average: AveragedModel | None = None) -> tuple[int, list[dict]]:
     """Load a `training_state` into the objects; returns (the epoch to start at, the history)."""
     unwrap(model).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and "grad_scaler" in state:
         scaler.load_state_dict(state["grad_scaler"])
+    if average is not None:
+        average.load_state_dict(state["weight_average"])
     torch.set_rng_state(state["torch_rng"].cpu())
     return state["epoch"] + 1, state["history"]
+
+
+def trained_weights(state: dict) -> dict[str, torch.Tensor]:
+    """The weights a `training_state` was validated with, as the model's own state dict: its
+    weight average's when it keeps one, else the weights themselves."""
+    if "weight_average" not in state:
+        return state["model"]
+    prefix = "module."
+    return {key.removeprefix(prefix): value for key, value in state["weight_average"].items() if key.startswith(prefix)}

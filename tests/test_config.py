@@ -64,6 +64,8 @@ def test_params_yaml_is_what_dvc_composes_from_conf():
         ({"train": {"use_gpu": True, "gpus_per_worker": 0.5}}, "gpus_per_worker 0.5 needs num_workers 1: the workers"),
         ({"train": {"gpus_per_worker": 2.0}}, "train.gpus_per_worker: Input should be less than or equal to 1"),
         ({"data": {"source": ""}}, "data.source: String should have at least 1 character"),
+        ({"train": {"ema_decay": 1.0}}, "train.ema_decay: Input should be less than 1 (got 1.0)"),
+        ({"train": {"bn_momentum": 0.0}}, "train.bn_momentum: Input should be greater than 0 (got 0.0)"),
     ],
 )
 def test_bad_params_fail_with_one_message_naming_the_key(change, expected):

@@ -22,6 +22,7 @@ from resattn import cifar10
 from resattn.cifar10 import DataError, fetch, load, read_md5_list
 from resattn.data import (
     Normalization,
+    alternating_flips,
     epoch_batches,
     load_prepared,
     load_split,
@@ -255,6 +256,17 @@ def test_random_crop_flip_takes_a_32x32_window_of_the_padded_image():
     assert 15 < flips < 49  # about half are mirrored
     again = random_crop_flip(images, torch.Generator().manual_seed(0))
     assert torch.equal(out, again)
+
+
+def test_alternating_flips_mirror_each_image_in_every_other_epoch():
+    flips = [alternating_flips(1000, seed=3, epoch=epoch) for epoch in range(4)]
+    assert 400 < int(flips[0].sum()) < 600
+    assert torch.equal(flips[1], ~flips[0]) and torch.equal(flips[2], flips[0]) and torch.equal(flips[3], flips[1])
+    assert not torch.equal(alternating_flips(1000, seed=4, epoch=0), flips[0])
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    chosen = torch.tensor([True, False] * 4)
+    out = random_crop_flip(images, torch.Generator().manual_seed(0), padding=0, flip=chosen)
+    assert torch.equal(out[chosen], images[chosen].flip(-1)) and torch.equal(out[~chosen], images[~chosen])
 
 
 def test_normalize_standardises_each_channel():

@@ -12,11 +12,13 @@ from pathlib import Path
 
 import boto3
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from helpers import run, stage_env, synthetic_split
+from helpers import params_variant, recorded_checkpoint, run, stage_env, synthetic_split
+from resattn.model_file import load_model
 
 pytestmark = pytest.mark.slow
 
@@ -149,3 +151,28 @@ def test_a_diverging_run_stops_with_one_line_and_leaves_no_model(project):
     failed = client.search_runs([client.get_experiment_by_name("resattn-cifar10").experiment_id],
                                 "tags.ray_run LIKE 'diverge-%'")
     assert [r.info.status for r in failed] == ["FAILED"]
+
+
+def test_a_run_with_a_weight_average_validates_and_keeps_the_average(project):
+    """The time-to-accuracy tricks through the real worker loop: the moving average of the
+    weights (BN statistics too) is checkpointed with the run and is what the model file holds;
+    alternating flip, BN momentum and the BN-and-bias learning rate run alongside."""
+    if not (project / "data/prepared/train.npz").exists():
+        run(["dvc", "repro", "preprocess"], project)
+    train = yaml.safe_load((project / "params.yaml").read_text())["train"]
+    variant = params_variant(project, "averaged", ray={"run_name": "averaged"},
+                             train=train | {"ema_decay": 0.9, "alternating_flip": True, "bn_momentum": 0.3,
+                                            "optimizer": train["optimizer"] | {"norm_and_bias_lr_multiplier": 4.0}})
+    (project / "models").mkdir(exist_ok=True)
+    result = subprocess.run([sys.executable, "-m", "pipeline.train", "--params", variant], cwd=project,
+                            env=stage_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = torch.load(recorded_checkpoint(project / "ray_results", "averaged") / "state.pt", weights_only=True)
+    assert int(state["weight_average"]["n_averaged"]) == 2 * (240 // 32)  # one update per step of both epochs
+    kept = torch.load(project / "models/model.pt", weights_only=True)["model"]
+    assert kept.keys() == state["model"].keys()
+    differs = [key for key in kept if not torch.equal(kept[key], state["model"][key])]
+    assert any(key.endswith("running_mean") for key in differs) and any(key.endswith("weight") for key in differs)
+    for key in kept:
+        assert torch.equal(kept[key], state["weight_average"][f"module.{key}"]), key
+    load_model(project / "models/model.pt")  # the file rebuilds its model

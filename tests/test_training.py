@@ -1,5 +1,5 @@
-"""The training step's guard against divergence, the learning-rate schedules, weight decay
-groups, and resuming from a training state."""
+"""The training step's guard against divergence, the learning-rate schedules, parameter
+groups, the weight average, and resuming from a training state."""
 
 from __future__ import annotations
 
@@ -17,8 +17,11 @@ from resattn.training import (
     lr_factor,
     parameter_groups,
     restore_training_state,
+    set_batchnorm_momentum,
     train_epoch,
+    trained_weights,
     training_state,
+    weight_average,
 )
 
 NORM = Normalization((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
@@ -70,14 +73,28 @@ def test_learning_rate_schedules(schedule, step, expected):
     assert factor == pytest.approx(expected)
 
 
-def test_weight_decay_spares_norm_and_bias_unless_asked():
+def test_weight_decay_spares_norm_and_bias_unless_asked_and_their_lr_may_be_scaled():
     model = create_model("attention56_tiny")
-    decay, no_decay = parameter_groups(model, 5e-4, decay_norm_and_bias=False)
-    assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
-    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
-    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
-    (everything,) = parameter_groups(model, 1e-4, decay_norm_and_bias=True)
-    assert len(everything["params"]) == len(list(model.parameters()))
+    weights, norm_and_bias = parameter_groups(model, 0.1, 5e-4, decay_norm_and_bias=False)
+    assert weights["weight_decay"] == 5e-4 and norm_and_bias["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in weights["params"]) and all(p.ndim == 1 for p in norm_and_bias["params"])
+    assert len(weights["params"]) + len(norm_and_bias["params"]) == len(list(model.parameters()))
+    weights, norm_and_bias = parameter_groups(model, 0.1, 1e-4, decay_norm_and_bias=True)
+    assert weights["weight_decay"] == norm_and_bias["weight_decay"] == 1e-4
+    optimizer = build_optimizer(model, "sgd", 0.1, norm_and_bias_lr_multiplier=8.0)
+    scheduler = build_scheduler(optimizer, total_steps=10, schedule="cosine")
+    for _ in range(5):
+        optimizer.step()
+        scheduler.step()
+    weights_lr, norm_and_bias_lr = (group["lr"] for group in optimizer.param_groups)
+    assert weights_lr == pytest.approx(0.05) and norm_and_bias_lr == pytest.approx(0.4)  # the schedule scales both
+
+
+def test_batchnorm_momentum_is_set_in_every_bn_layer():
+    model = create_model("attention56_tiny")
+    set_batchnorm_momentum(model, 0.6)
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(layers) > 10 and all(layer.momentum == 0.6 for layer in layers)
 
 
 def _setup():
@@ -130,3 +147,57 @@ def test_fp16_trains_with_a_loss_scale_that_the_training_state_carries():
     resumed = grad_scaler(torch.device("cpu"), torch.float16)
     restore_training_state(state, *_setup(), resumed)
     assert resumed.state_dict() == scaler.state_dict()
+
+
+def test_the_weight_average_follows_every_step_bn_statistics_included_and_is_what_is_kept():
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.arange(64) % 10
+    model, optimizer, scheduler = _setup()
+    average = weight_average(model, 0.9)
+    snapshots = []  # the weights and BN statistics right after each update, as the average sees them
+    optimizer.register_step_post_hook(lambda *_: snapshots.append(
+        {key: value.clone().double() for key, value in model.state_dict().items()}))
+    train_epoch(model, optimizer, scheduler, images, labels, NORM, batch_size=16, seed=0, epoch=0, average=average)
+    assert len(snapshots) == 4 and int(average.n_averaged) == 4
+    expected = snapshots[0]  # the first update copies; each later one moves 10% of the way
+    for snapshot in snapshots[1:]:
+        expected = {key: 0.9 * expected[key] + 0.1 * snapshot[key] for key in expected}
+    kept = trained_weights(training_state(model, optimizer, scheduler, 0, [], average=average))
+    assert kept.keys() == model.state_dict().keys()
+    first_bn = next(name for name, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d))
+    first_conv = next(name for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d))
+    for key in (f"{first_conv}.weight", f"{first_bn}.weight", f"{first_bn}.running_mean", f"{first_bn}.running_var"):
+        assert torch.allclose(kept[key].double(), expected[key], atol=1e-6), key
+        assert not torch.allclose(kept[key].double(), snapshots[-1][key], atol=1e-6), key  # not the weights
+    fresh = create_model("attention56_tiny")
+    fresh.load_state_dict(kept)  # a model file of these weights rebuilds the model
+
+
+def test_a_restored_weight_average_continues_exactly_as_an_uninterrupted_run():
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.arange(64) % 10
+
+    def epoch(objects, average, number):
+        return train_epoch(*objects, images, labels, NORM, batch_size=16, seed=0, epoch=number, average=average)
+
+    straight = _setup()
+    straight_average = weight_average(straight[0], 0.8)
+    for number in (0, 1):
+        epoch(straight, straight_average, number)
+    first = _setup()
+    first_average = weight_average(first[0], 0.8)
+    epoch(first, first_average, 0)
+    state = training_state(*first, epoch=0, history=[], average=first_average)
+    resumed = _setup()
+    resumed_average = weight_average(resumed[0], 0.8)
+    restore_training_state(state, *resumed, average=resumed_average)
+    epoch(resumed, resumed_average, 1)
+    for a, b in zip(straight_average.state_dict().values(), resumed_average.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_without_a_weight_average_the_weights_themselves_are_kept():
+    model, optimizer, scheduler = _setup()
+    assert weight_average(model, 0.0) is None
+    state = training_state(model, optimizer, scheduler, 0, [])
+    assert trained_weights(state) is state["model"]
