@@ -131,28 +131,35 @@ def concurrent_trials(params: Params, capacity: dict[str, float]) -> int:
     return max(1, min(int(capacity.get(key, 0) // amount) for key, amount in per_trial.items()))
 
 
-def build_tuner(trainable, params: Params, storage_path: str) -> tune.Tuner:
+def build_tuner(trainable, params: Params, storage_path: str, grid: dict[str, list] | None = None) -> tune.Tuner:
     """The sweep's Tuner: seeded TPE over `tune.space` with ASHA (or every trial to the end),
-    `tune.max_concurrent_trials` trials at once (0: as many as the cluster fits); or the sweep
+    or, given a `grid`, one trial per combination of its values, each to the end;
+    `tune.max_concurrent_trials` trials at once (0: as many as the cluster fits). Or the sweep
     of the same name restored, to resume it."""
     settings = params.tune
     experiment_path = f"{storage_path.rstrip('/')}/{settings.name}"
     if tune.Tuner.can_restore(experiment_path):
         print(f"resuming sweep {settings.name} from {experiment_path}", flush=True)
         return tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True)
+    if grid is None:
+        space = param_space(params)
+        search = {"num_samples": settings.num_samples,
+                  "search_alg": OptunaSearch(sampler=optuna.samplers.TPESampler(seed=settings.seed)),
+                  "scheduler": ASHAScheduler(time_attr="training_iteration", max_t=settings.max_epochs,
+                                             grace_period=settings.grace_period,
+                                             reduction_factor=settings.reduction_factor)
+                  if settings.early_stopping else FIFOScheduler()}
+    else:
+        space = {key: tune.grid_search(values) for key, values in grid.items()}
+        search = {"num_samples": 1, "scheduler": FIFOScheduler()}
     return tune.Tuner(
         trainable,
-        param_space=param_space(params),
+        param_space=space,
         tune_config=tune.TuneConfig(
             metric=METRIC,
             mode="max",
-            num_samples=settings.num_samples,
             max_concurrent_trials=settings.max_concurrent_trials or concurrent_trials(params, cluster_capacity()),
-            search_alg=OptunaSearch(sampler=optuna.samplers.TPESampler(seed=settings.seed)),
-            scheduler=ASHAScheduler(time_attr="training_iteration", max_t=settings.max_epochs,
-                                    grace_period=settings.grace_period,
-                                    reduction_factor=settings.reduction_factor)
-            if settings.early_stopping else FIFOScheduler(),
+            **search,
         ),
         # Upload the sweep's state (a few kB) at most 10 s apart rather than Tune's default 5 min:
         # on s3:// storage that bounds what a killed driver loses to the trials of 10 s.

@@ -36,7 +36,7 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallba
 from pipeline.checkpoints import load_checkpoint_state, save_trained_model
 from pipeline.cluster import build_trainer, check_resources, resolve_storage_path, start_ray
 from pipeline.common import change_to_root, failing_in_one_line
-from pipeline.config import DEFAULT_PARAMS, parse_params, resolve
+from pipeline.config import DEFAULT_PARAMS, Params, parse_params, resolve
 from pipeline.evaluate import evaluate_model
 from pipeline.ray_hooks import quiet_libraries
 from pipeline.register import register_model
@@ -85,11 +85,10 @@ def run_trial(sampled: dict, *, raw: dict, context: dict) -> None:
 # The driver
 
 
-def sweep(params_path: Path = DEFAULT_PARAMS, assignments: list[str] = ()) -> dict:
-    """Run the sweep of the params that `params_path` and the `-S` `assignments` resolve to."""
-    raw = resolve(params_path, assignments)
-    params = parse_params(raw, str(params_path))
-    validate_space(raw, params)
+def open_sweep(raw: dict, params: Params) -> dict:
+    """Everything a sweep needs before its first trial, whatever chooses its trials: the checks,
+    the pipeline's prepared arrays in Ray's object store, the MLflow parent run (found again by
+    the sweep's name, to resume it) and Ray itself. Returns the context every trial gets."""
     settings = params.tune
     tracking_uri = resolve_tracking_uri(params.mlflow.tracking_uri)
     check_run_services(params)
@@ -106,14 +105,28 @@ def sweep(params_path: Path = DEFAULT_PARAMS, assignments: list[str] = ()) -> di
     experiment_id = client.get_run(parent_id).info.experiment_id
     storage_path = resolve_storage_path(params)
     start_ray(params, sweep=True)
-    context = {"settings": settings, "tracking_uri": tracking_uri, "experiment_id": experiment_id,
-               "parent_run_id": parent_id, "data": ray.put(data), "sweep": settings.name, "storage_path": storage_path,
-               "lineage": lineage,
-               "dataset": (prepared, data_hash, {"train": len(data[0].labels), "val": len(data[1].labels)})}
-    # The trial function only launches and waits: its Train workers hold the CPUs and GPUs.
-    trainable = tune.with_resources(tune.with_parameters(run_trial, raw=raw, context=context),
-                                    {"cpu": 0, "memory": 64 * 1024**2})
-    tuner = build_tuner(trainable, params, storage_path)
+    return {"settings": settings, "tracking_uri": tracking_uri, "experiment_id": experiment_id,
+            "parent_run_id": parent_id, "data": ray.put(data), "sweep": settings.name,
+            "storage_path": storage_path, "lineage": lineage,
+            "dataset": (prepared, data_hash, {"train": len(data[0].labels), "val": len(data[1].labels)})}
+
+
+def trial_trainable(trial_function, **parameters) -> tune.Trainable:
+    """`trial_function(config, **parameters)` as Tune runs it. It only launches a Train run and
+    waits: its Train workers hold the CPUs and GPUs."""
+    return tune.with_resources(tune.with_parameters(trial_function, **parameters), {"cpu": 0, "memory": 64 * 1024**2})
+
+
+def sweep(params_path: Path = DEFAULT_PARAMS, assignments: list[str] = ()) -> dict:
+    """Run the sweep of the params that `params_path` and the `-S` `assignments` resolve to."""
+    raw = resolve(params_path, assignments)
+    params = parse_params(raw, str(params_path))
+    validate_space(raw, params)
+    settings = params.tune
+    context = open_sweep(raw, params)
+    tracking_uri, experiment_id, parent_id = context["tracking_uri"], context["experiment_id"], context["parent_run_id"]
+    client = MlflowClient(tracking_uri)
+    tuner = build_tuner(trial_trainable(run_trial, raw=raw, context=context), params, context["storage_path"])
     results = tuner.fit()
 
     keys = list(settings.space)
@@ -127,6 +140,7 @@ def sweep(params_path: Path = DEFAULT_PARAMS, assignments: list[str] = ()) -> di
     best_id = best.metrics["trial_id"]
     best_run_id = trial_run_id(client, experiment_id, parent_id, best_id)
     # Tune reports the path within the storage filesystem (no s3:// scheme): pass that filesystem.
+    storage_path = context["storage_path"]
     filesystem = pyarrow.fs.FileSystem.from_uri(storage_path)[0] if "://" in storage_path else None
     state = load_checkpoint_state(ray.train.Checkpoint(best.metrics[CHECKPOINT_PATH_KEY], filesystem=filesystem))
     model_path = reports / "model.pt"

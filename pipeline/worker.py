@@ -157,7 +157,8 @@ def train_loop_per_worker(config: dict) -> None:
     sampling = rank == 0 and start_system_metrics(config["tracking_uri"], config["run_id"])
     try:
         for epoch in range(start_epoch, train_cfg.epochs):
-            last_print = [time.monotonic()]
+            epoch_started = time.monotonic()
+            last_print = [epoch_started]
 
             def progress(done: int, epoch: int = epoch) -> None:
                 if rank == 0 and time.monotonic() - last_print[0] >= PROGRESS_SECONDS:
@@ -176,8 +177,9 @@ def train_loop_per_worker(config: dict) -> None:
             except NonFiniteLossError as error:
                 report_divergence(str(error), epoch, rank, history)
                 return
+            validated = unwrap(model) if average is None else average.module  # what the model file keeps
             val = evaluate(
-                unwrap(model) if average is None else average.module, val_images, val_labels, norm, batch_size=train_cfg.eval_batch_size,
+                validated, val_images, val_labels, norm, batch_size=train_cfg.eval_batch_size,
                 device=device, channels_last=train_cfg.channels_last, autocast_dtype=precision,
             )
             val_loss, val_correct, val_count = global_sums(
@@ -192,6 +194,9 @@ def train_loop_per_worker(config: dict) -> None:
                 "images_per_second": result.images_per_second,  # images summed over workers
                 "workers": world_size,  # an elastic run's may change from one epoch to the next
                 "epoch_seconds": result.seconds,
+                # Training and validation so far, across resumptions: the x of time-to-accuracy plots.
+                "training_minutes": (history[-1]["training_minutes"] if history else 0.0)
+                + (time.monotonic() - epoch_started) / 60,
             }
             history.append(metrics)
             if rank != 0:

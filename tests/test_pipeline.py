@@ -44,7 +44,9 @@ def test_dvc_repro_runs_every_stage_registers_a_model_and_then_is_a_no_op(projec
     register = json.loads((project / "reports/register.json").read_text())
     assert register["version"] == 1 and register["promoted"]
     with open(project / "reports/train_history.csv") as f:
-        assert [int(row["epoch"]) for row in csv.DictReader(f)] == [1, 2]
+        history = list(csv.DictReader(f))
+    assert [int(row["epoch"]) for row in history] == [1, 2]
+    assert 0 < float(history[0]["training_minutes"]) < float(history[1]["training_minutes"])  # time to accuracy
     for image in ("confusion.png", "attention_masks.png"):
         assert Image.open(project / "reports" / image).size[0] > 100
 

@@ -1,0 +1,170 @@
+"""What each training trick buys, at the length that matters: a profile's recipe, and the recipe
+with one change at a time, each with two seeds, trained through Ray Tune as one sweep (the
+pipeline's own trainer and worker loop; one MLflow parent run, a child run per trial) and
+scored on the validation split, never the test set. Prints each variant's final validation
+accuracy per seed, their mean and spread, and the difference from the recipe's mean; record the
+table in BENCHMARKS.md.
+
+    dvc repro preprocess       # the pipeline's prepared arrays, which every trial reads
+    .venv/bin/python benchmarks/ablation.py --profile fast --epochs 24
+
+The same command again resumes the sweep where it stopped (finished trials are kept, a running
+one goes on from its last checkpoint), so an ablation longer than one sitting takes several.
+Each trial trains on one worker (`tune.workers_per_trial`), as many at once as the cluster fits.
+Test-time augmentation changes no training: `benchmarks/tta_views.py` measures it on a model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+from mlflow.tracking import MlflowClient
+
+from pipeline.common import failing_in_one_line, save_figure
+from pipeline.config import parse_params, resolve
+from pipeline.ray_hooks import quiet_libraries
+from pipeline.search import METRIC, build_tuner, trial_raw
+from pipeline.tune import open_sweep, run_trial, trial_trainable
+from resattn.data import write_csv, write_text
+
+# name -> the params it changes on top of the recipe (dotted keys, as `dvc exp run -S` sets them)
+VARIANTS = {
+    "recipe": {},
+    "weight-average": {"train.ema_decay": 0.999},
+    "alternating-flip": {"train.alternating_flip": True},
+    "bn-momentum": {"train.bn_momentum": 0.3},
+    "bn-and-bias-lr": {"train.optimizer.norm_and_bias_lr_multiplier": 4.0},
+    "no-label-smoothing": {"train.label_smoothing": 0.0},
+    "decay-bn-and-bias": {"train.optimizer.decay_norm_and_bias": True},
+    "width-0.75": {"model.overrides.width_multiplier": 0.75},  # narrow presets are 0.5: slower, and more capacity
+}
+
+
+def ablation_trial(config: dict, *, raw: dict, context: dict, variants: dict) -> None:
+    run_trial({**variants[config["variant"]], "train.seed": config["seed"]}, raw=raw, context=context)
+
+
+def sweep_name(profile: str, epochs: int, variants: dict, seeds: list[int]) -> str:
+    """Named after what it runs, so the same command resumes it and another starts afresh."""
+    digest = hashlib.sha256(json.dumps([variants, seeds], sort_keys=True).encode()).hexdigest()[:6]
+    return f"ablation-{profile}-{epochs}ep-{digest}"
+
+
+def summarise(results, variants: dict[str, dict], seeds: list[int]) -> tuple[list[dict], dict[tuple, list[float]]]:
+    """One row per variant (each seed's final validation accuracy, mean, spread, difference from
+    the recipe's mean), and each trial's validation curve by (variant, seed)."""
+    finals, curves = {}, {}
+    for result in results:
+        key = (result.config["variant"], result.config["seed"])
+        history = result.metrics_dataframe
+        if result.error is None and history is not None and METRIC in history:
+            curves[key] = history[METRIC].tolist()
+            finals[key] = curves[key][-1]
+    rows = []
+    for name, changes in variants.items():
+        scores = [finals.get((name, seed), math.nan) for seed in seeds]
+        done = [score for score in scores if not math.isnan(score)]
+        rows.append({"variant": name, "changes": " ".join(f"{key}={value}" for key, value in changes.items()) or "—",
+                     **{f"seed {seed}": score for seed, score in zip(seeds, scores)},
+                     "mean": statistics.fmean(done) if done else math.nan,
+                     "spread": max(done) - min(done) if len(done) > 1 else math.nan})
+    baseline = rows[0]["mean"]  # the recipe's: it comes first
+    for row in rows:
+        row["vs recipe"] = row["mean"] - baseline
+    return rows, curves
+
+
+def format_rows(rows: list[dict]) -> str:
+    def cell(key: str, value) -> str:
+        if isinstance(value, str):
+            return value
+        if math.isnan(value):
+            return "—"
+        return f"{100 * value:+.2f}" if key == "vs recipe" else f"{100 * value:.2f}"
+
+    header = list(rows[0])
+    lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 2)]
+    lines += ["| " + " | ".join(cell(key, row[key]) for key in header) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def plot_curves(curves: dict[tuple, list[float]], names: list[str], seeds: list[int], title: str, path: Path) -> None:
+    """Validation accuracy per epoch, a colour per variant: solid the first seed, dashed the rest."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for index, name in enumerate(names):
+        for seed in seeds:
+            if curve := curves.get((name, seed)):
+                first = seed == seeds[0]
+                ax.plot(range(1, len(curve) + 1), [100 * value for value in curve], color=f"C{index}",
+                        linestyle="-" if first else "--", label=name if first else None)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="fast", help="the recipe: a conf/profile/ name (default: fast)")
+    parser.add_argument("--epochs", type=int, default=24, help="each trial's epochs (default: 24)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="another override of the recipe, as `dvc exp run -S` sets it")
+    args = parser.parse_args()
+    os.chdir(ROOT)  # params' relative paths (data, MLflow, Ray storage) are the project's
+    quiet_libraries()
+    names = ["recipe", *(name for name in args.variants if name != "recipe")]
+    chosen = {name: VARIANTS[name] for name in names}
+    name = sweep_name(args.profile, args.epochs, chosen, args.seeds)
+    with failing_in_one_line():
+        raw = resolve(ROOT / "params.yaml", [f"profile={args.profile}", *args.set, f"tune.name={name}",
+                                             f"tune.max_epochs={args.epochs}", "tune.early_stopping=false",
+                                             "tune.workers_per_trial=1"])
+        params = parse_params(raw, "the recipe's params")
+        for variant, changes in chosen.items():  # every variant valid before anything trains
+            for seed in args.seeds:
+                parse_params(trial_raw(raw, {**changes, "train.seed": seed}, params.tune), f"variant {variant!r}")
+        print(f"sweep {name}: {len(chosen)} variants x {len(args.seeds)} seeds of profile {args.profile}, "
+              f"{args.epochs} epochs each ({params.model.preset})", flush=True)
+        context = open_sweep(raw, params)
+        tuner = build_tuner(trial_trainable(ablation_trial, raw=raw, context=context, variants=chosen), params,
+                            context["storage_path"], grid={"variant": names, "seed": args.seeds})
+        results = tuner.fit()
+
+    rows, curves = summarise(results, chosen, args.seeds)
+    table = format_rows(rows)
+    reports = ROOT / "reports/ablation" / name
+    write_text(reports / "table.md", table + "\n")
+    write_csv(reports / "table.csv", rows)
+    plot_curves(curves, names, args.seeds, f"profile {args.profile}, {args.epochs} epochs: validation accuracy "
+                f"(solid: seed {args.seeds[0]}, dashed: the others)", reports / "curves.png")
+    client = MlflowClient(context["tracking_uri"])
+    for artifact in ("table.md", "table.csv", "curves.png"):
+        client.log_artifact(context["parent_run_id"], str(reports / artifact), "ablation")
+    for row in rows:
+        if not math.isnan(row["mean"]):
+            client.log_metric(context["parent_run_id"], f"mean_val_accuracy.{row['variant']}", row["mean"])
+    print(f"final validation accuracy (%), {len(args.seeds)} seeds; MLflow parent run {context['parent_run_id']}, "
+          f"files in {reports.relative_to(ROOT)}:\n{table}")
+
+
+if __name__ == "__main__":
+    main()
