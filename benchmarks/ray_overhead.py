@@ -36,7 +36,7 @@ from pipeline.checkpoints import report_state
 from pipeline.cluster import LOCAL_RAY_ENV, start_ray
 from resattn import cifar10, create_model
 from resattn.data import Normalization, channel_stats, to_tensor_nchw
-from resattn.training import build_optimizer, build_scheduler, train_epoch, training_state
+from resattn.training import autocast_dtype, build_optimizer, build_scheduler, train_epoch, training_state
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "cifar-10-batches-py"
@@ -60,7 +60,7 @@ def timed_epochs(config: dict, data: tuple, in_ray: bool) -> list[tuple[float, f
         started, cpu_started = time.perf_counter(), time.process_time()
         train_epoch(model, optimizer, scheduler, images, labels, norm, batch_size=config["batch_size"] // world_size,
                     seed=0, epoch=epoch, rank=rank, world_size=world_size, channels_last=True,
-                    autocast_dtype=torch.bfloat16)
+                    autocast_dtype=autocast_dtype(torch.device("cpu"), True))
         if in_ray:
             report_state({"epoch": epoch + 1},
                          training_state(model, optimizer, scheduler, epoch, []) if rank == 0 else None)

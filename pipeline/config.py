@@ -135,7 +135,8 @@ class TrainConfig(Section):
     use_gpu: bool = False
     gpus_per_worker: float = Field(1.0, gt=0, le=1, description="a share of a GPU (0.25: four workers on one GPU); "
                                                                   "below 1 only for one-worker runs, e.g. sweep trials")
-    mixed_precision: bool = Field(True, description="bf16 autocast; fp16 with loss scaling on GPUs without bf16")
+    mixed_precision: bool = Field(True, description="bf16 autocast where the hardware computes bf16; fp16 with loss scaling on GPUs without "
+                                   "bf16; fp32 on CPUs without it (resattn.training.autocast_dtype)")
     channels_last: bool = False
     compile: bool = Field(False, description="torch.compile the model (minutes of compiling first)")
     sync_batchnorm: bool = Field(False, description="batch norm statistics over all workers' shares (GPUs only)")

@@ -152,8 +152,12 @@ def train_loop_per_worker(config: dict) -> None:
     if rank == 0:
         # Where the (latest) worker group ran, for the run's page: an elastic run's changes.
         tag_run(config["tracking_uri"], config["run_id"], {"ray_nodes": ",".join(nodes)})
-        print(f"{world_size} worker(s) x {threads} CPU thread(s) on {device.type}, on {len(nodes)} node(s); "
-              f"{total_images:,} training images per epoch in batches of {per_worker_batch * world_size}", flush=True)
+        arithmetic = str(precision or torch.float32).removeprefix("torch.")
+        if train_cfg.mixed_precision and precision is None:
+            arithmetic += " (train.mixed_precision: this CPU has no native bf16, which it would emulate 6x slower)"
+        print(f"{world_size} worker(s) x {threads} CPU thread(s) on {device.type}, on {len(nodes)} node(s), in "
+              f"{arithmetic}; {total_images:,} training images per epoch in batches of {per_worker_batch * world_size}",
+              flush=True)
     sampling = rank == 0 and start_system_metrics(config["tracking_uri"], config["run_id"])
     try:
         for epoch in range(start_epoch, train_cfg.epochs):

@@ -3,9 +3,13 @@ groups, the weight average, and resuming from a training state."""
 
 from __future__ import annotations
 
+import platform
+from pathlib import Path
+
 import pytest
 import torch
 
+import resattn.training
 from resattn import create_model
 from resattn.data import Normalization
 from resattn.training import (
@@ -126,10 +130,20 @@ def test_a_restored_training_state_continues_exactly_as_an_uninterrupted_run():
         assert torch.equal(a, b)
 
 
-def test_mixed_precision_is_bf16_on_a_cpu_and_fp32_when_off():
+def test_mixed_precision_is_bf16_on_a_cpu_that_has_it_and_fp32_otherwise(monkeypatch):
     cpu = torch.device("cpu")
+    monkeypatch.setattr(resattn.training, "cpu_has_native_bf16", lambda: True)
     assert autocast_dtype(cpu, True) == torch.bfloat16 and autocast_dtype(cpu, False) is None
     assert not grad_scaler(cpu, torch.bfloat16).is_enabled()  # bf16 needs no loss scaling
+    # An AVX2-only CPU would emulate bf16, 6x slower than fp32: mixed precision means fp32 there.
+    monkeypatch.setattr(resattn.training, "cpu_has_native_bf16", lambda: False)
+    assert autocast_dtype(cpu, True) is None
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or not Path("/proc/cpuinfo").exists(), reason="reads x86 Linux CPU flags")
+def test_the_bf16_check_matches_this_cpus_flags():
+    flags = set(Path("/proc/cpuinfo").read_text().split())
+    assert resattn.training.cpu_has_native_bf16() == bool({"avx512bw", "amx_bf16"} & flags)
 
 
 def test_fp16_trains_with_a_loss_scale_that_the_training_state_carries():
