@@ -20,11 +20,27 @@ and std. `run` reports, as JSON and one line each:
 
 On a CPU (`--device cpu`) it runs the same code, which is how it is tested; the sync count
 and memory are GPU-only and reported as null there.
+
+A profile's whole recipe, on all of CIFAR-10 (the a92-gpu profile's 95%-in-10-minutes goal):
+
+    python benchmarks/gpu_check.py pack-recipe --profile a92-gpu --out data/gpu_recipe   # here
+    python benchmarks/gpu_check.py recipe --data data/gpu_recipe --out $OUT/recipe.json  # there
+
+`pack-recipe` resolves the profile as the pipeline does (conf/, `-S key=value` on top) and
+writes the 45,000 training and 10,000 test images of data/prepared in parts of at most
+--part-mib (56: three parts; a device call carries at most 64 MiB, the repository included), each part
+holding the recipe. Carry one part per call, in consecutive calls to the same warm machine
+(an ignored file a call brought stays there for the next one); the last call runs `recipe`,
+which checks that every part of the same pack is there, then trains the recipe's model with its
+optimizer, schedule, batch, augmentation and precision (resattn's own functions, as the
+pipeline's worker), prints every epoch, and scores the test set once with the recipe's TTA.
+Its minutes are training and that one evaluation, torch only: the pipeline adds Ray's start-up.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import sys
@@ -35,7 +51,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # resattn, from a bare copy of the repo
+REPOSITORY = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPOSITORY))  # resattn, from a bare copy of the repo
 
 from resattn import create_model  # noqa: E402
 from resattn.cifar10 import Split  # noqa: E402
@@ -46,7 +63,10 @@ from resattn.training import (  # noqa: E402
     build_scheduler,
     evaluate,
     grad_scaler,
+    optimizer_and_scheduler,
+    set_batchnorm_momentum,
     train_epoch,
+    weight_average,
 )
 
 MODES = {  # name: (channels_last, mixed precision, compile)
@@ -67,6 +87,59 @@ def pack(prepared: Path, out: Path, train_images: int, test_images: int) -> None
              test_images=test.images[:test_images], test_labels=test.labels[:test_images],
              mean=np.array(stats["mean"]), std=np.array(stats["std"]))
     print(f"wrote {out}: {train_images} training and {test_images} test images, {out.stat().st_size / 2**20:.1f} MiB")
+
+
+def pack_recipe(prepared: Path, out: Path, profile: str, assignments: list[str], part_mib: float) -> None:
+    # The pipeline's config (pydantic, Hydra) exists here, not on the device: imported here only.
+    from pipeline.config import DEFAULT_PARAMS, load_params
+
+    params = load_params(REPOSITORY / DEFAULT_PARAMS, [f"profile={profile}", *assignments])
+    recipe = {"profile": params.profile, "preset": params.model.preset, "model": params.model.build_kwargs(),
+              "train": params.train.model_dump(), "evaluate": params.evaluate.model_dump()}
+    train, test = load_split(prepared / "train.npz"), load_split(prepared / "test.npz")
+    stats = json.loads((prepared / "stats.json").read_text())
+    images, labels = np.concatenate([train.images, test.images]), np.concatenate([train.labels, test.labels])
+    per_part = max(int(part_mib * 2**20) // images[0].nbytes, 1)
+    parts = -(-len(labels) // per_part)
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode() + images.tobytes()).hexdigest()[:12]
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("part-*.npz"):  # another pack's parts would be mixed in: the loader refuses those
+        stale.unlink()
+    for index in range(parts):
+        chunk = slice(index * per_part, (index + 1) * per_part)
+        manifest = {"pack": digest, "part": index + 1, "parts": parts, "train_images": len(train),
+                    "test_images": len(test), "mean": stats["mean"], "std": stats["std"], "recipe": recipe}
+        np.savez(out / f"part-{index + 1}-of-{parts}.npz", images=images[chunk], labels=labels[chunk],
+                 manifest=np.array(json.dumps(manifest)))
+    sizes = ", ".join(f"{path.stat().st_size / 2**20:.1f}" for path in sorted(out.glob("part-*.npz")))
+    print(f"wrote {out}: profile {params.profile}, {len(train)} training and {len(test)} test images in {parts} "
+          f"part(s) of {sizes} MiB (pack {digest}); carry one part per device call", flush=True)
+
+
+def load_recipe_pack(folder: Path) -> tuple[dict, Split, Split]:
+    """The parts under `folder` joined, once every part of one pack is there."""
+    found = {}
+    for path in folder.glob("part-*-of-*.npz"):
+        with np.load(path) as part:
+            manifest = json.loads(str(part["manifest"]))
+            found[path.name] = (manifest, part["images"], part["labels"])
+    if not found:
+        raise SystemExit(f"error: no part-K-of-N.npz in {folder}; make them with `pack-recipe` and carry them there")
+    packs = {(manifest["pack"], manifest["parts"]) for manifest, _, _ in found.values()}
+    if len(packs) > 1:
+        raise SystemExit(f"error: {folder} mixes parts of different packs ({', '.join(sorted(found))}); "
+                         f"pack again and carry every part of one pack")
+    pack, parts = packs.pop()
+    missing = [name for name in (f"part-{k}-of-{parts}.npz" for k in range(1, parts + 1)) if name not in found]
+    if missing:
+        raise SystemExit(f"error: {folder} lacks {', '.join(missing)} of pack {pack}: carry each part in a call to "
+                         f"the same warm machine, one call after another")
+    ordered = [found[f"part-{k}-of-{parts}.npz"] for k in range(1, parts + 1)]
+    manifest = ordered[0][0]
+    images = np.concatenate([images for _, images, _ in ordered])
+    labels = np.concatenate([labels for _, _, labels in ordered])
+    cut = manifest["train_images"]
+    return manifest, Split(images[:cut], labels[:cut]), Split(images[cut:], labels[cut:])
 
 
 class Trainer:
@@ -194,6 +267,62 @@ def run(args) -> None:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
 
 
+def run_recipe(args) -> None:
+    manifest, train, test = load_recipe_pack(args.data)
+    recipe, device = manifest["recipe"], args.device
+    settings = recipe["train"]
+    epochs = args.epochs or settings["epochs"]
+    norm = Normalization(tuple(manifest["mean"]), tuple(manifest["std"]))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as the pipeline's workers do
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
+    print(f"# {device_name}, torch {torch.__version__}: profile {recipe['profile']} ({recipe['preset']}), {epochs} "
+          f"epochs on {len(train)} training images, then {len(test)} test images once", flush=True)
+    started = time.perf_counter()
+    images, labels = to_tensor_nchw(train.images).to(device), torch.from_numpy(train.labels).to(device)
+    torch.manual_seed(settings["seed"])
+    model = create_model(recipe["preset"], **recipe["model"]).to(device)
+    set_batchnorm_momentum(model, settings["bn_momentum"])
+    if settings["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    runner = torch.compile(model) if settings["compile"] else model
+    steps = len(labels) // settings["batch_size"]
+    optimizer, scheduler = optimizer_and_scheduler(model, settings["optimizer"], settings["schedule"], epochs, steps)
+    average = weight_average(model, settings["ema_decay"])
+    dtype = autocast_dtype(device, settings["mixed_precision"])
+    scaler = grad_scaler(device, dtype)
+    curve = []
+    for epoch in range(epochs):
+        result = train_epoch(runner, optimizer, scheduler, images, labels, norm, batch_size=settings["batch_size"],
+                             seed=settings["seed"], epoch=epoch, label_smoothing=settings["label_smoothing"],
+                             device=device, channels_last=settings["channels_last"], autocast_dtype=dtype,
+                             scaler=scaler, average=average, alternating_flip=settings["alternating_flip"])
+        minutes = (time.perf_counter() - started) / 60
+        curve.append({"epoch": epoch + 1, "train_loss": result.loss, "train_accuracy": result.accuracy,
+                      "images_per_second": result.images_per_second, "minutes": minutes})
+        print(f"epoch {epoch + 1}/{epochs}: train loss {result.loss:.4f} acc {result.accuracy:.4f} | "
+              f"{result.images_per_second:,.0f} img/s | {minutes:.2f} min", flush=True)
+    scoring = recipe["evaluate"]
+    scored = model if average is None else average.module  # what the pipeline's model file keeps
+    scores = evaluate(scored, to_tensor_nchw(test.images), torch.from_numpy(test.labels), norm,
+                      batch_size=scoring["batch_size"], flip_tta=scoring["flip_tta"],
+                      translate_tta=scoring["translate_tta"], device=device, channels_last=settings["channels_last"],
+                      autocast_dtype=dtype)
+    minutes = (time.perf_counter() - started) / 60
+    report = {"device": device_name, "torch": torch.__version__, "pack": manifest["pack"], "recipe": recipe,
+              "epochs": epochs, "train_images": len(train), "test_images": len(test),
+              "precision": str(dtype or torch.float32).removeprefix("torch."), "minutes": minutes,
+              "test_accuracy": scores.accuracy, "test_accuracy_single_view": scores.single_view_accuracy,
+              "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+              "curve": curve}
+    print(f"recipe {recipe['profile']}: {scores.accuracy:.4f} test accuracy (single view "
+          f"{scores.single_view_accuracy:.4f}) on {len(test)} test images after {epochs} epochs, "
+          f"{minutes:.1f} min of training and scoring", flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -213,9 +342,25 @@ def main(argv: list[str] | None = None) -> None:
     running.add_argument("--warmup-steps", type=int, default=5)
     running.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     running.add_argument("--accuracy-epochs", type=int, default=10, help="0: no accuracy run")
+    recipe_packing = commands.add_parser("pack-recipe", help="a profile's recipe and all of CIFAR-10, in parts")
+    recipe_packing.add_argument("--profile", required=True, help="conf/profile/<name>.yaml, e.g. a92-gpu")
+    recipe_packing.add_argument("-S", "--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
+                                help="a params override on top of the profile, as `dvc exp run -S`")
+    recipe_packing.add_argument("--prepared", type=Path, default=Path("data/prepared"), help="the preprocess stage's output")
+    recipe_packing.add_argument("--out", type=Path, default=Path("data/gpu_recipe"), help="a folder for the parts")
+    recipe_packing.add_argument("--part-mib", type=float, default=56.0, help="the most MiB of images in one part")
+    recipe = commands.add_parser("recipe", help="train a packed recipe (on the GPU machine)")
+    recipe.add_argument("--data", type=Path, default=Path("data/gpu_recipe"), help="the folder holding every part")
+    recipe.add_argument("--out", type=Path, help="the report as JSON")
+    recipe.add_argument("--device", type=torch.device, default="cuda" if torch.cuda.is_available() else "cpu")
+    recipe.add_argument("--epochs", type=int, default=0, help="0: the recipe's; fewer when the rate says so")
     args = parser.parse_args(argv)
     if args.command == "pack":
         pack(args.prepared, args.out, args.train_images, args.test_images)
+    elif args.command == "pack-recipe":
+        pack_recipe(args.prepared, args.out, args.profile, args.assignments, args.part_mib)
+    elif args.command == "recipe":
+        run_recipe(args)
     else:
         run(args)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python pipeline/tune.py`, as `ray job submit` runs it
@@ -111,7 +112,7 @@ def open_sweep(raw: dict, params: Params) -> dict:
             "dataset": (prepared, data_hash, {"train": len(data[0].labels), "val": len(data[1].labels)})}
 
 
-def trial_trainable(trial_function, **parameters) -> tune.Trainable:
+def trial_trainable(trial_function: Callable, **parameters) -> Callable | type[tune.Trainable]:
     """`trial_function(config, **parameters)` as Tune runs it. It only launches a Train run and
     waits: its Train workers hold the CPUs and GPUs."""
     return tune.with_resources(tune.with_parameters(trial_function, **parameters), {"cpu": 0, "memory": 64 * 1024**2})

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from pipeline.checkpoints import load_resumable_state, report_state
-from pipeline.config import Params, TrainConfig
+from pipeline.config import Params
 from pipeline.tracking import start_system_metrics, stop_system_metrics, tag_run
 from resattn.cifar10 import Split
 from resattn.data import to_tensor_nchw
@@ -28,11 +28,10 @@ from resattn.model import create_model
 from resattn.training import (
     NonFiniteLossError,
     autocast_dtype,
-    build_optimizer,
-    build_scheduler,
     evaluate,
     global_sums,
     grad_scaler,
+    optimizer_and_scheduler,
     restore_training_state,
     set_batchnorm_momentum,
     train_epoch,
@@ -67,25 +66,6 @@ def worker_nodes() -> list[str]:
     every = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(every, node)
     return sorted(set(every))
-
-
-def optimizer_and_scheduler(model: nn.Module, train: TrainConfig, steps_per_epoch: int
-                            ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """The optimizer and the per-step learning-rate schedule of `train`, its epochs turned into
-    optimizer steps."""
-    opt, schedule = train.optimizer, train.schedule
-    optimizer = build_optimizer(model, opt.name, opt.lr, momentum=opt.momentum, nesterov=opt.nesterov,
-                                weight_decay=opt.weight_decay, decay_norm_and_bias=opt.decay_norm_and_bias,
-                                norm_and_bias_lr_multiplier=opt.norm_and_bias_lr_multiplier)
-    scheduler = build_scheduler(
-        optimizer,
-        total_steps=steps_per_epoch * train.epochs,
-        schedule=schedule.name,
-        warmup_steps=round(schedule.warmup_epochs * steps_per_epoch),
-        milestones=[round(m * steps_per_epoch) for m in schedule.milestones],
-        gamma=schedule.gamma,
-    )
-    return optimizer, scheduler
 
 
 def report_divergence(reason: str, epoch: int, rank: int, history: list[dict]) -> None:
@@ -134,7 +114,8 @@ def train_loop_per_worker(config: dict) -> None:
     steps_per_epoch = (len(train_labels) // world_size) // per_worker_batch
     if steps_per_epoch == 0:
         raise ValueError(f"{len(train_labels)} training images make no batch of {train_cfg.batch_size}")
-    optimizer, scheduler = optimizer_and_scheduler(model, train_cfg, steps_per_epoch)
+    optimizer, scheduler = optimizer_and_scheduler(model, train_cfg.optimizer.model_dump(),
+                                                   train_cfg.schedule.model_dump(), train_cfg.epochs, steps_per_epoch)
     average = weight_average(model, train_cfg.ema_decay)
 
     start_epoch, history = 0, []

@@ -113,6 +113,23 @@ def build_scheduler(optimizer: torch.optim.Optimizer, **factor_kwargs) -> torch.
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, **factor_kwargs))
 
 
+def optimizer_and_scheduler(model: nn.Module, optimizer: dict, schedule: dict, epochs: int, steps_per_epoch: int
+                            ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """The optimizer and per-step schedule of a recipe's `train.optimizer` and `train.schedule`
+    sections (as params.yaml spells them), its epochs turned into optimizer steps."""
+    settings = dict(optimizer)
+    built = build_optimizer(model, settings.pop("name"), settings.pop("lr"), **settings)
+    scheduler = build_scheduler(
+        built,
+        total_steps=steps_per_epoch * epochs,
+        schedule=schedule["name"],
+        warmup_steps=round(schedule.get("warmup_epochs", 0.0) * steps_per_epoch),
+        milestones=[round(m * steps_per_epoch) for m in schedule.get("milestones", ())],
+        gamma=schedule.get("gamma", 0.1),
+    )
+    return built, scheduler
+
+
 @dataclass
 class EpochResult:
     """Figures over all workers: `images` is the global count, `seconds` this worker's time."""

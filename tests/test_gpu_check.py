@@ -1,29 +1,46 @@
 """The GPU check (benchmarks/gpu_check.py) runs as the device machine runs it, on the CPU here:
 pack a prepared dataset into the one file that travels, then measure from that file with a
-tiny model, in a clean environment with the repository's code alone on the path."""
+tiny model; and pack a profile's recipe with the whole dataset in parts, then train it from
+them. Each in a clean environment with the repository's code alone on the path."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
 
 from helpers import ROOT, stage_env, synthetic_split
 from resattn.data import STATS_FILE, channel_stats, save_split, write_json
+from resattn.training import cpu_has_native_bf16
 
 
-def test_the_gpu_check_packs_its_data_and_reports_every_figure(tmp_path):
-    prepared = tmp_path / "prepared"
+@pytest.fixture
+def prepared(tmp_path) -> Path:
+    """A preprocess stage's output: 96 training and 40 test images."""
+    folder = tmp_path / "prepared"
     train, test = synthetic_split(96, 0), synthetic_split(40, 1)
-    save_split(prepared / "train.npz", train)
-    save_split(prepared / "test.npz", test)
+    save_split(folder / "train.npz", train)
+    save_split(folder / "test.npz", test)
     mean, std = channel_stats(train.images)
-    write_json(prepared / STATS_FILE, {"mean": mean, "std": std})
-    script, packed = str(ROOT / "benchmarks" / "gpu_check.py"), tmp_path / "gpu_check.npz"
+    write_json(folder / STATS_FILE, {"mean": mean, "std": std})
+    return folder
 
-    def check(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, script, *args], cwd=tmp_path, env=stage_env(), capture_output=True,
-                              text=True, timeout=600)
+
+@pytest.fixture
+def check(tmp_path) -> Callable[..., subprocess.CompletedProcess]:
+    """benchmarks/gpu_check.py with these arguments, as the device machine runs it."""
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), *args], cwd=tmp_path,
+                              env=stage_env(), capture_output=True, text=True, timeout=600)
+    return run
+
+
+def test_the_gpu_check_packs_its_data_and_reports_every_figure(tmp_path, prepared, check):
+    packed = tmp_path / "gpu_check.npz"
 
     packing = check("pack", "--prepared", str(prepared), "--out", str(packed), "--train-images", "80",
                     "--test-images", "30")
@@ -39,7 +56,8 @@ def test_the_gpu_check_packs_its_data_and_reports_every_figure(tmp_path):
     assert measured.returncode == 0, measured.stderr[-3000:]
     report = json.loads(report_file.read_text())
     assert [mode["mode"] for mode in report["modes"]] == ["eager fp32", "channels_last + mixed precision"]
-    assert [mode["precision"] for mode in report["modes"]] == ["float32", "bfloat16"]
+    mixed = "bfloat16" if cpu_has_native_bf16() else "float32"  # an AVX2 CPU would emulate bf16: fp32
+    assert [mode["precision"] for mode in report["modes"]] == ["float32", mixed]
     assert all(mode["img_per_s"] > 0 and mode["host_syncs_per_step"] is None for mode in report["modes"])
     accuracy = report["accuracy"]
     assert (accuracy["train_images"], accuracy["test_images"], accuracy["epochs"]) == (80, 30, 1)
@@ -50,3 +68,42 @@ def test_the_gpu_check_packs_its_data_and_reports_every_figure(tmp_path):
     too_few = check("run", "--data", str(packed), "--device", "cpu", "--steps", "10", "--batch-size", "16")
     assert too_few.returncode == 1
     assert "--steps 10 and --warmup-steps 5 of batch 16 need 240 training images" in too_few.stderr
+
+
+def test_a_profiles_recipe_travels_in_parts_and_trains_only_once_every_part_is_there(tmp_path, prepared, check):
+    parts = tmp_path / "gpu_recipe"
+
+    def pack(*assignments: str) -> subprocess.CompletedProcess:
+        options = [option for assignment in assignments for option in ("-S", assignment)]
+        return check("pack-recipe", "--profile", "quick-cpu", "--prepared", str(prepared), "--out", str(parts),
+                     "--part-mib", "0.1", "-S", "model.preset=attention56_tiny", "-S", "train.batch_size=16",
+                     "-S", "evaluate.translate_tta=true", *options)
+
+    packing = pack("train.epochs=2")
+    assert packing.returncode == 0, packing.stderr[-3000:]
+    # 0.1 MiB holds 34 images of 3,072 bytes: the 136 images take 4 parts.
+    assert sorted(path.name for path in parts.iterdir()) == [f"part-{k}-of-4.npz" for k in range(1, 5)]
+    assert "profile quick-cpu, 96 training and 40 test images in 4 part(s)" in packing.stdout
+
+    report_file = tmp_path / "out" / "recipe.json"
+    trained = check("recipe", "--data", str(parts), "--device", "cpu", "--out", str(report_file))
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    report = json.loads(report_file.read_text())
+    assert (report["epochs"], report["train_images"], report["test_images"]) == (2, 96, 40)
+    assert report["recipe"]["preset"] == "attention56_tiny" and report["recipe"]["evaluate"]["translate_tta"]
+    assert report["recipe"]["train"]["optimizer"]["lr"] == 0.2  # conf/config.yaml's, under the profile
+    assert [row["epoch"] for row in report["curve"]] == [1, 2] and 0.0 <= report["test_accuracy"] <= 1.0
+    assert "epoch 2/2: train loss" in trained.stdout and "recipe quick-cpu:" in trained.stdout
+
+    shorter = check("recipe", "--data", str(parts), "--device", "cpu", "--epochs", "1")
+    assert shorter.returncode == 0 and "epoch 1/1" in shorter.stdout and "epoch 2/" not in shorter.stdout
+
+    kept = (parts / "part-4-of-4.npz").read_bytes()
+    (parts / "part-2-of-4.npz").unlink()
+    missing = check("recipe", "--data", str(parts), "--device", "cpu")
+    assert missing.returncode == 1 and "lacks part-2-of-4.npz of pack" in missing.stderr
+
+    assert pack("train.epochs=3").returncode == 0  # another pack, whose parts replace the first's
+    (parts / "part-9-of-9.npz").write_bytes(kept)  # and a part left over from the first
+    mixed = check("recipe", "--data", str(parts), "--device", "cpu")
+    assert mixed.returncode == 1 and "mixes parts of different packs" in mixed.stderr
