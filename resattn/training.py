@@ -123,9 +123,9 @@ def optimizer_and_scheduler(model: nn.Module, optimizer: dict, schedule: dict, e
         built,
         total_steps=steps_per_epoch * epochs,
         schedule=schedule["name"],
-        warmup_steps=round(schedule.get("warmup_epochs", 0.0) * steps_per_epoch),
-        milestones=[round(m * steps_per_epoch) for m in schedule.get("milestones", ())],
-        gamma=schedule.get("gamma", 0.1),
+        warmup_steps=round(schedule["warmup_epochs"] * steps_per_epoch),
+        milestones=[round(m * steps_per_epoch) for m in schedule["milestones"]],
+        gamma=schedule["gamma"],
     )
     return built, scheduler
 
