@@ -54,7 +54,6 @@ import torch
 REPOSITORY = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPOSITORY))  # resattn, from a bare copy of the repo
 
-from resattn import create_model  # noqa: E402
 from resattn.cifar10 import Split  # noqa: E402
 from resattn.data import Normalization, load_split, to_tensor_nchw  # noqa: E402
 from resattn.training import (  # noqa: E402
@@ -64,8 +63,8 @@ from resattn.training import (  # noqa: E402
     evaluate,
     grad_scaler,
     optimizer_and_scheduler,
-    set_batchnorm_momentum,
     train_epoch,
+    training_model,
     weight_average,
 )
 
@@ -150,9 +149,7 @@ class Trainer:
     def __init__(self, args, images: torch.Tensor, labels: torch.Tensor, norm: Normalization, *,
                  channels_last: bool, mixed: bool, compile: bool, epochs: int):
         torch.manual_seed(0)
-        self.model = create_model(args.preset).to(args.device)
-        if channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = training_model(args.preset, channels_last=channels_last, device=args.device)
         self.runner = torch.compile(self.model) if compile else self.model
         steps = len(labels) // args.batch_size
         self.optimizer = build_optimizer(self.model, "sgd", args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4,
@@ -283,10 +280,8 @@ def run_recipe(args) -> None:
     started = time.perf_counter()
     images, labels = to_tensor_nchw(train.images).to(device), torch.from_numpy(train.labels).to(device)
     torch.manual_seed(settings["seed"])
-    model = create_model(recipe["preset"], **recipe["model"]).to(device)
-    set_batchnorm_momentum(model, settings["bn_momentum"])
-    if settings["channels_last"]:
-        model = model.to(memory_format=torch.channels_last)
+    model = training_model(recipe["preset"], recipe["model"], bn_momentum=settings["bn_momentum"],
+                           channels_last=settings["channels_last"], device=device)
     runner = torch.compile(model) if settings["compile"] else model
     steps = len(labels) // settings["batch_size"]
     optimizer, scheduler = optimizer_and_scheduler(model, settings["optimizer"], settings["schedule"], epochs, steps)

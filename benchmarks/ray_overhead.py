@@ -34,9 +34,10 @@ import torch
 from pipeline.config import load_params
 from pipeline.checkpoints import report_state
 from pipeline.cluster import LOCAL_RAY_ENV, start_ray
-from resattn import cifar10, create_model
+from resattn import cifar10
 from resattn.data import Normalization, channel_stats, to_tensor_nchw
-from resattn.training import autocast_dtype, build_optimizer, build_scheduler, train_epoch, training_state
+from resattn.training import (autocast_dtype, build_optimizer, build_scheduler, train_epoch, training_model,
+                              training_state)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "cifar-10-batches-py"
@@ -49,7 +50,7 @@ def timed_epochs(config: dict, data: tuple, in_ray: bool) -> list[tuple[float, f
     images, labels, norm = data
     rank, world_size = (ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()) if in_ray else (0, 1)
     torch.manual_seed(0)
-    model = create_model(config["preset"]).to(memory_format=torch.channels_last)
+    model = training_model(config["preset"], channels_last=True)
     if in_ray:
         model = ray.train.torch.prepare_model(model)  # DDP with more than one worker, as in the pipeline
     optimizer = build_optimizer(model, "sgd", 0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)

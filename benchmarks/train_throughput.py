@@ -29,7 +29,7 @@ from PIL import Image
 
 from resattn import cifar10, create_model
 from resattn.data import Normalization, channel_stats, normalize, random_crop_flip, to_tensor_nchw
-from resattn.training import build_optimizer, build_scheduler, train_epoch
+from resattn.training import build_optimizer, build_scheduler, train_epoch, training_model
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "cifar-10-batches-py"
 
@@ -82,9 +82,7 @@ def time_reference(preset: str, images, labels, norm, args) -> float:
 
 def time_ours(preset: str, images, labels, norm, args, *, channels_last: bool, bf16: bool, compile: bool) -> float:
     torch.manual_seed(0)
-    model = create_model(preset).to(args.device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = training_model(preset, channels_last=channels_last, device=args.device)
     runner = torch.compile(model) if compile else model
     optimizer = build_optimizer(model, "sgd", 0.05, weight_decay=5e-4)
     scheduler = build_scheduler(optimizer, total_steps=10**6, schedule="constant")

@@ -24,7 +24,6 @@ from pipeline.config import Params
 from pipeline.tracking import start_system_metrics, stop_system_metrics, tag_run
 from resattn.cifar10 import Split
 from resattn.data import to_tensor_nchw
-from resattn.model import create_model
 from resattn.training import (
     NonFiniteLossError,
     autocast_dtype,
@@ -33,8 +32,8 @@ from resattn.training import (
     grad_scaler,
     optimizer_and_scheduler,
     restore_training_state,
-    set_batchnorm_momentum,
     train_epoch,
+    training_model,
     training_state,
     unwrap,
     weight_average,
@@ -101,10 +100,8 @@ def train_loop_per_worker(config: dict) -> None:
         torch.backends.cudnn.benchmark = True
 
     torch.manual_seed(train_cfg.seed)
-    model = create_model(params.model.preset, **params.model.build_kwargs())
-    set_batchnorm_momentum(model, train_cfg.bn_momentum)
-    if train_cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = training_model(params.model.preset, params.model.build_kwargs(), bn_momentum=train_cfg.bn_momentum,
+                           channels_last=train_cfg.channels_last, device=device)
     if train_cfg.sync_batchnorm:  # batch statistics over every worker's share of the batch
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = ray.train.torch.prepare_model(model)

@@ -20,6 +20,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from resattn.data import Normalization, alternating_flips, epoch_batches, normalize, random_crop_flip
+from resattn.model import ResidualAttentionNet, create_model
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("step", "cosine", "onecycle", "constant")
@@ -68,6 +69,17 @@ def set_batchnorm_momentum(model: nn.Module, momentum: float) -> None:
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.momentum = momentum
+
+
+def training_model(preset: str, model_kwargs: dict | None = None, *, bn_momentum: float = 0.1,
+                   channels_last: bool = False, device: torch.device = torch.device("cpu")) -> ResidualAttentionNet:
+    """A recipe's model as it starts training, before a runner wraps it (DDP, torch.compile):
+    the preset with its arguments, every BN layer's momentum set, on `device`, and in
+    channels_last memory format where asked (oneDNN and cuDNN convolve NHWC fastest:
+    BENCHMARKS.md). Seed torch before calling it for the same initial weights."""
+    model = create_model(preset, **(model_kwargs or {})).to(device)
+    set_batchnorm_momentum(model, bn_momentum)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
 def weight_average(model: nn.Module, decay: float) -> AveragedModel | None:

@@ -21,9 +21,9 @@ from resattn.training import (
     lr_factor,
     parameter_groups,
     restore_training_state,
-    set_batchnorm_momentum,
     train_epoch,
     trained_weights,
+    training_model,
     training_state,
     weight_average,
 )
@@ -94,11 +94,17 @@ def test_weight_decay_spares_norm_and_bias_unless_asked_and_their_lr_may_be_scal
     assert weights_lr == pytest.approx(0.05) and norm_and_bias_lr == pytest.approx(0.4)  # the schedule scales both
 
 
-def test_batchnorm_momentum_is_set_in_every_bn_layer():
-    model = create_model("attention56_tiny")
-    set_batchnorm_momentum(model, 0.6)
+def test_a_recipes_model_has_its_arguments_bn_momentum_and_memory_format_and_the_seeded_weights():
+    torch.manual_seed(0)
+    model = training_model("attention56_tiny", {"num_classes": 7}, bn_momentum=0.6, channels_last=True)
     layers = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert len(layers) > 10 and all(layer.momentum == 0.6 for layer in layers)
+    kernels = [p for p in model.parameters() if p.ndim == 4 and p.shape[-1] > 1]
+    assert kernels and all(p.is_contiguous(memory_format=torch.channels_last) for p in kernels)
+    torch.manual_seed(0)
+    plain = create_model("attention56_tiny", num_classes=7)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), plain.state_dict().values()))
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 7)
 
 
 def _setup():
