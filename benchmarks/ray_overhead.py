@@ -10,7 +10,8 @@ for each Ray set-up: Ray's defaults (dashboard, every Train V2 helper) and the p
 `start_ray` (params.yaml's `ray` section: no dashboard, no preemption watcher, no Train
 metrics). Rounds interleave so that drift in the machine's speed (other tenants, clocks)
 lands on every path alike. Every path runs `timed_epochs` below: the same data, initial
-weights, optimizer, thread count and fast paths (channels_last, bf16 autocast); the Ray worker
+weights, optimizer, thread count and fast paths (channels_last, and bf16 autocast where the CPU
+computes bf16: resattn.training.autocast_dtype); the Ray worker
 also reports metrics with a checkpoint of the full training state each epoch, as the
 pipeline's does. `--ddp` adds the pipeline's CPU default, two workers of one thread each.
 """
@@ -61,7 +62,7 @@ def timed_epochs(config: dict, data: tuple, in_ray: bool) -> list[tuple[float, f
         started, cpu_started = time.perf_counter(), time.process_time()
         train_epoch(model, optimizer, scheduler, images, labels, norm, batch_size=config["batch_size"] // world_size,
                     seed=0, epoch=epoch, rank=rank, world_size=world_size, channels_last=True,
-                    autocast_dtype=autocast_dtype(torch.device("cpu"), True))
+                    autocast_dtype=config["autocast_dtype"])
         if in_ray:
             report_state({"epoch": epoch + 1},
                          training_state(model, optimizer, scheduler, epoch, []) if rank == 0 else None)
@@ -129,9 +130,11 @@ def main() -> None:
     mean, std = channel_stats(train.images)
     data = (to_tensor_nchw(train.images[: args.images]), torch.from_numpy(train.labels[: args.images].copy()),
             Normalization(tuple(mean), tuple(std)))
-    config = {"preset": args.preset, "epochs": args.epochs, "batch_size": args.batch_size}
+    precision = autocast_dtype(torch.device("cpu"), True)  # fp32 (None) on a CPU that would emulate bf16
+    config = {"preset": args.preset, "epochs": args.epochs, "batch_size": args.batch_size, "autocast_dtype": precision}
     print(f"# {platform.processor() or platform.machine()}, {cpus} CPUs, torch {torch.__version__}, ray {ray.__version__}; "
-          f"{args.preset}, {args.images} images x {args.epochs} epochs, batch {args.batch_size}, bf16, channels_last; "
+          f"{args.preset}, {args.images} images x {args.epochs} epochs, batch {args.batch_size}, "
+          f"{str(precision or torch.float32).removeprefix('torch.')}, channels_last; "
           f"{args.rounds} rounds", flush=True)
 
     paths = {"plain loop, 1 process": [], "Ray defaults, 1 worker": [], "pipeline's Ray, 1 worker": []}
