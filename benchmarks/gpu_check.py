@@ -63,6 +63,7 @@ from resattn.training import (  # noqa: E402
     evaluate,
     grad_scaler,
     optimizer_and_scheduler,
+    precision_name,
     train_epoch,
     training_model,
     weight_average,
@@ -199,7 +200,7 @@ def measure_mode(args, name: str, images, labels, norm) -> dict:
     if cuda:
         torch.cuda.synchronize()
     report = {"mode": name, "img_per_s": result.images / (time.perf_counter() - started),
-              "warmup_seconds": warmup_seconds, "precision": str(trainer.dtype or torch.float32).removeprefix("torch."),
+              "warmup_seconds": warmup_seconds, "precision": precision_name(trainer.dtype),
               "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
               "host_syncs_per_step": None}
     if cuda:
@@ -308,7 +309,7 @@ def run_recipe(args) -> None:
     minutes = (time.perf_counter() - started) / 60
     report = {"device": device_name, "torch": torch.__version__, "pack": manifest["pack"], "recipe": recipe,
               "epochs": epochs, "train_images": len(train), "test_images": len(test),
-              "precision": str(dtype or torch.float32).removeprefix("torch."), "minutes": minutes,
+              "precision": precision_name(dtype), "minutes": minutes,
               "test_accuracy": scores.accuracy, "test_accuracy_single_view": scores.single_view_accuracy,
               "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
               "curve": curve}

@@ -37,8 +37,8 @@ from pipeline.checkpoints import report_state
 from pipeline.cluster import LOCAL_RAY_ENV, start_ray
 from resattn import cifar10
 from resattn.data import Normalization, channel_stats, to_tensor_nchw
-from resattn.training import (autocast_dtype, build_optimizer, build_scheduler, train_epoch, training_model,
-                              training_state)
+from resattn.training import (autocast_dtype, build_optimizer, build_scheduler, precision_name, train_epoch,
+                              training_model, training_state)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "cifar-10-batches-py"
@@ -134,7 +134,7 @@ def main() -> None:
     config = {"preset": args.preset, "epochs": args.epochs, "batch_size": args.batch_size, "autocast_dtype": precision}
     print(f"# {platform.processor() or platform.machine()}, {cpus} CPUs, torch {torch.__version__}, ray {ray.__version__}; "
           f"{args.preset}, {args.images} images x {args.epochs} epochs, batch {args.batch_size}, "
-          f"{str(precision or torch.float32).removeprefix('torch.')}, channels_last; "
+          f"{precision_name(precision)}, channels_last; "
           f"{args.rounds} rounds", flush=True)
 
     paths = {"plain loop, 1 process": [], "Ray defaults, 1 worker": [], "pipeline's Ray, 1 worker": []}

@@ -7,7 +7,9 @@ against resattn's fast paths. Prints images/s and ratios; record results in BENC
 (a) reference: torchvision per-image PIL transforms (pad-4 random crop, flip, ToTensor,
     Normalize) through a DataLoader, batch 64, eager fp32, NCHW — how the popular ports train;
 (b) each resattn fast path added in turn: batched uint8 tensor augmentation, channels_last,
-    bf16 autocast, and (with --compile) torch.compile.
+    mixed precision, and (with --compile) torch.compile in the arithmetic the pipeline trains in
+    here (`resattn.training.autocast_dtype`). On a CPU without bf16 instructions the mixed
+    row is bf16 all the same, marked emulated: it shows why the pipeline trains in fp32 there.
 Every variant runs the same model (same initial weights), optimizer and image count. The data
 path alone (load + augment + normalise) is timed too, since it must never bound training.
 On a CUDA GPU (the default when one is visible, else `--device cpu`) the reference's batches
@@ -29,7 +31,8 @@ from PIL import Image
 
 from resattn import cifar10, create_model
 from resattn.data import Normalization, channel_stats, normalize, random_crop_flip, to_tensor_nchw
-from resattn.training import build_optimizer, build_scheduler, train_epoch, training_model
+from resattn.training import (autocast_dtype, build_optimizer, build_scheduler, grad_scaler, precision_name,
+                              train_epoch, training_model)
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "cifar-10-batches-py"
 
@@ -80,14 +83,15 @@ def time_reference(preset: str, images, labels, norm, args) -> float:
     return seen / (time.perf_counter() - started)
 
 
-def time_ours(preset: str, images, labels, norm, args, *, channels_last: bool, bf16: bool, compile: bool) -> float:
+def time_ours(preset: str, images, labels, norm, args, *, channels_last: bool, dtype: torch.dtype | None,
+              compile: bool) -> float:
     torch.manual_seed(0)
     model = training_model(preset, channels_last=channels_last, device=args.device)
     runner = torch.compile(model) if compile else model
     optimizer = build_optimizer(model, "sgd", 0.05, weight_decay=5e-4)
     scheduler = build_scheduler(optimizer, total_steps=10**6, schedule="constant")
     kwargs = dict(batch_size=args.batch_size, seed=0, channels_last=channels_last, device=args.device,
-                  autocast_dtype=torch.bfloat16 if bf16 else None)
+                  autocast_dtype=dtype, scaler=grad_scaler(args.device, dtype))
     warm = args.warmup_steps * args.batch_size
     train_epoch(runner, optimizer, scheduler, images[:warm], labels[:warm], norm, epoch=0, **kwargs)
     return train_epoch(runner, optimizer, scheduler, images, labels, norm, epoch=1, **kwargs).images_per_second
@@ -137,17 +141,19 @@ def main() -> None:
     reference_data, our_data = data_path_rates(images_nhwc, labels_np, images, norm, args)
     print(f"data path alone: reference {reference_data:,.0f} img/s, ours {our_data:,.0f} img/s "
           f"({our_data / reference_data:.1f}x)")
-    variants = [("batched aug, fp32", False, False, False), ("+ channels_last", True, False, False),
-                ("+ bf16 autocast", True, True, False)]
+    trained_in = autocast_dtype(args.device, mixed_precision=True)  # None: the pipeline trains in fp32 here
+    mixed = trained_in or torch.bfloat16
+    variants = [("batched aug, fp32", False, None, False), ("+ channels_last", True, None, False),
+                (f"+ {precision_name(mixed)} autocast" + ("" if trained_in else " (emulated)"), True, mixed, False)]
     if args.compile:
-        variants.append(("+ torch.compile", True, True, True))
+        variants.append((f"+ torch.compile, {precision_name(trained_in)}", True, trained_in, True))
     for preset in args.presets:
         reference = time_reference(preset, images_nhwc, labels_np, norm, args)
         print(f"{preset}: (a) reference {reference:.1f} img/s")
-        for name, channels_last, bf16, compile in variants:
+        for name, channels_last, dtype, compile in variants:
             rate = time_ours(preset, images.to(args.device), labels.to(args.device), norm, args,
-                             channels_last=channels_last, bf16=bf16, compile=compile)
-            print(f"{preset}: (b) {name:<18} {rate:7.1f} img/s  {rate / reference:4.2f}x (a)"
+                             channels_last=channels_last, dtype=dtype, compile=compile)
+            print(f"{preset}: (b) {name:<30} {rate:7.1f} img/s  {rate / reference:4.2f}x (a)"
                   f"   data path / training = {our_data / rate:,.0f}x")
 
 

@@ -31,6 +31,7 @@ from resattn.training import (
     global_sums,
     grad_scaler,
     optimizer_and_scheduler,
+    precision_name,
     restore_training_state,
     train_epoch,
     training_model,
@@ -130,7 +131,7 @@ def train_loop_per_worker(config: dict) -> None:
     if rank == 0:
         # Where the (latest) worker group ran, for the run's page: an elastic run's changes.
         tag_run(config["tracking_uri"], config["run_id"], {"ray_nodes": ",".join(nodes)})
-        arithmetic = str(precision or torch.float32).removeprefix("torch.")
+        arithmetic = precision_name(precision)
         if train_cfg.mixed_precision and precision is None:
             arithmetic += " (train.mixed_precision: this CPU has no native bf16, which it would emulate 6x slower)"
         print(f"{world_size} worker(s) x {threads} CPU thread(s) on {device.type}, on {len(nodes)} node(s), in "

@@ -207,6 +207,11 @@ def autocast_dtype(device: torch.device, mixed_precision: bool) -> torch.dtype |
     return torch.bfloat16 if cpu_has_native_bf16() else None
 
 
+def precision_name(dtype: torch.dtype | None) -> str:
+    """How logs and reports name the arithmetic `autocast_dtype` chose ("float32" for None)."""
+    return str(dtype or torch.float32).removeprefix("torch.")
+
+
 def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:
     """Loss scaling for fp16, whose gradients underflow without it; disabled (a no-op) for
     bf16 and fp32, which have fp32's exponent range. It costs one host sync per step."""

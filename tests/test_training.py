@@ -20,6 +20,7 @@ from resattn.training import (
     grad_scaler,
     lr_factor,
     parameter_groups,
+    precision_name,
     restore_training_state,
     train_epoch,
     trained_weights,
@@ -144,6 +145,8 @@ def test_mixed_precision_is_bf16_on_a_cpu_that_has_it_and_fp32_otherwise(monkeyp
     # An AVX2-only CPU would emulate bf16, 6x slower than fp32: mixed precision means fp32 there.
     monkeypatch.setattr(resattn.training, "cpu_has_native_bf16", lambda: False)
     assert autocast_dtype(cpu, True) is None
+    # The worker's first line and the benchmarks' reports name the arithmetic the same way.
+    assert [precision_name(autocast_dtype(cpu, True)), precision_name(torch.bfloat16)] == ["float32", "bfloat16"]
 
 
 @pytest.mark.skipif(platform.machine() != "x86_64" or not Path("/proc/cpuinfo").exists(), reason="reads x86 Linux CPU flags")
