@@ -146,7 +146,8 @@ def start_ray(params: Params, *, sweep: bool = False) -> None:
     if not sys.stdout.isatty():
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     dashboard = params.ray.dashboard or sweep
-    hook = "set_up_worker_without_dashboard" if local and not dashboard else "set_up_worker"
+    hook = ("set_up_worker" if not local else "set_up_local_worker" if dashboard
+            else "set_up_local_worker_without_dashboard")
     ray.init(
         address=address or "local",
         logging_level=logging.WARNING,

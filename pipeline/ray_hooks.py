@@ -71,9 +71,21 @@ def set_up_worker() -> None:
     ask_own_cluster()
 
 
-def set_up_worker_without_dashboard() -> None:
-    """The same, for a local Ray without its dashboard: the placement-group cleaner and the
-    autoscaling client are quiet too."""
+def errors_only(logger_name: str) -> None:
+    """Let only errors through the named logger. A filter, not a level: Train's controller,
+    once started (after this hook), configures the `ray.train` logger with dictConfig, which
+    sets every logger below it back to NOTSET and keeps their filters. With a level, the
+    autoscaling client's traceback reached a stage's console on a busy 2-core machine."""
+    logging.getLogger(logger_name).addFilter(lambda record: record.levelno >= logging.ERROR)
+
+
+def set_up_local_worker() -> None:
+    """The same, for a local Ray: the autoscaling client is quiet too."""
     set_up_worker()
-    logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
-    logging.getLogger(AUTOSCALING_CLIENT_LOGGER).setLevel(logging.ERROR)
+    errors_only(AUTOSCALING_CLIENT_LOGGER)
+
+
+def set_up_local_worker_without_dashboard() -> None:
+    """The same, for a local Ray without its dashboard: the placement-group cleaner is quiet too."""
+    set_up_local_worker()
+    errors_only(PLACEMENT_GROUP_CLEANER_LOGGER)

@@ -17,7 +17,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from helpers import params_variant, recorded_checkpoint, run, stage_env, synthetic_split
+from helpers import ROOT, params_variant, recorded_checkpoint, run, stage_env, synthetic_split
+from pipeline import ray_hooks
 from resattn.model_file import load_model
 
 pytestmark = pytest.mark.slow
@@ -153,6 +154,52 @@ def test_a_diverging_run_stops_with_one_line_and_leaves_no_model(project):
     failed = client.search_runs([client.get_experiment_by_name("resattn-cifar10").experiment_id],
                                 "tags.ray_run LIKE 'diverge-%'")
     assert [r.info.status for r in failed] == ["FAILED"]
+
+
+# Run in a local Ray of the train stage: Train V2's controller configures logging as it starts
+# (after the stage's worker set-up hook), then each logger the stage keeps quiet there logs a
+# warning and an error. Printed: what reached the `ray.train` handlers, which the console is.
+CONTROLLER_CONSOLE = """
+import json, logging
+import ray
+from pipeline import ray_hooks
+from pipeline.cluster import RAY_TRAIN_LOGGING, start_ray
+from pipeline.config import load_params
+
+@ray.remote
+def controller_console():
+    from ray.train import DataConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig
+    from ray.train.v2._internal.execution.context import TrainRunContext
+    from ray.train.v2._internal.logging.logging import LoggingManager
+
+    LoggingManager.configure_controller_logger(TrainRunContext(
+        run_config=RunConfig(logging_config=RAY_TRAIN_LOGGING), train_loop_config=None,
+        scaling_config=ScalingConfig(), backend_config=TorchConfig(), dataset_config=DataConfig()))
+    console = []
+    handler = logging.Handler()
+    handler.emit = lambda record: console.append(f"{record.name}: {record.getMessage()}")
+    logging.getLogger("ray.train").addHandler(handler)
+    for name in (ray_hooks.AUTOSCALING_CLIENT_LOGGER, ray_hooks.PLACEMENT_GROUP_CLEANER_LOGGER):
+        logging.getLogger(name).warning("a warning")
+        logging.getLogger(name).error("an error")
+    return console
+
+start_ray(load_params())
+print(json.dumps(ray.get(controller_console.remote())))
+"""
+
+
+def test_the_warnings_a_local_run_silences_stay_silent_once_train_configures_its_logging():
+    """The autoscaling client's "safe to ignore" traceback, printed when the machine is busy,
+    once broke the one-line error of a diverging run: Train's controller had reset the level
+    the stage set. Errors still get through."""
+    result = subprocess.run([sys.executable, "-c", CONTROLLER_CONSOLE], cwd=ROOT, env=stage_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    console = json.loads(result.stdout.strip().splitlines()[-1])
+    assert console == [f"{ray_hooks.AUTOSCALING_CLIENT_LOGGER}: an error",
+                       f"{ray_hooks.PLACEMENT_GROUP_CLEANER_LOGGER}: an error"], console
 
 
 def test_a_run_with_a_weight_average_validates_and_keeps_the_average(project):
