@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shlex
 from typing import Any
 
@@ -131,6 +132,59 @@ def concurrent_trials(params: Params, capacity: dict[str, float]) -> int:
     return max(1, min(int(capacity.get(key, 0) // amount) for key, amount in per_trial.items()))
 
 
+class RestorableOptunaSearch(OptunaSearch):
+    """Seeded TPE through Optuna that survives a restore whose searcher state disagrees with
+    its trial list. Tune snapshots the two into separate files and uploads them one after the
+    other, so a sweep driver killed in between leaves one older than the other.
+    - A trial the snapshot predates (on the local stack in CI: two trials finished, the third
+      just started) ended the restored sweep with a KeyError at its first result. It is
+      adopted at its first result or its end, with the values it runs with (its config).
+    - This searcher limits how many trials run at once itself (`set_max_concurrency`, so Tune's
+      ConcurrencyLimiter passes everything through): the limiter's own lagging snapshot
+      dropped the adopted trial's end, and Optuna never learnt its score.
+    - It counts the trials running in this process only: those suggested here, and restored
+      ones once they report. A trial in a snapshot newer than the trial list never runs, and
+      counted as running it would hold a slot forever (the whole sweep, one trial at a time)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._max_concurrent = math.inf
+        self._running: set[str] = set()
+
+    def set_max_concurrency(self, max_concurrent: int) -> bool:
+        self._max_concurrent = max_concurrent
+        return True
+
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        self._running = set()
+
+    def suggest(self, trial_id: str) -> dict | None:
+        if len(self._running) >= self._max_concurrent:
+            return None
+        suggestion = super().suggest(trial_id)
+        self._running.add(trial_id)
+        return suggestion
+
+    def _adopt(self, trial_id: str, result: dict | None) -> None:
+        if trial_id in self._ot_trials or trial_id in self._completed_trials or not result:
+            return
+        self._ot_study.enqueue_trial({name: result[f"config/{name}"] for name in self._space})
+        self._ot_trials[trial_id] = self._ot_study.ask(fixed_distributions=self._space)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self._adopt(trial_id, result)
+        if trial_id not in self._completed_trials:
+            self._running.add(trial_id)
+        super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        self._adopt(trial_id, result)
+        self._running.discard(trial_id)
+        if trial_id in self._ot_trials:  # a trial that failed before any result has nothing to tell
+            super().on_trial_complete(trial_id, result, error)
+
+
 def build_tuner(trainable, params: Params, storage_path: str, grid: dict[str, list] | None = None) -> tune.Tuner:
     """The sweep's Tuner: seeded TPE over `tune.space` with ASHA (or every trial to the end),
     or, given a `grid`, one trial per combination of its values, each to the end;
@@ -144,7 +198,7 @@ def build_tuner(trainable, params: Params, storage_path: str, grid: dict[str, li
     if grid is None:
         space = param_space(params)
         search = {"num_samples": settings.num_samples,
-                  "search_alg": OptunaSearch(sampler=optuna.samplers.TPESampler(seed=settings.seed)),
+                  "search_alg": RestorableOptunaSearch(sampler=optuna.samplers.TPESampler(seed=settings.seed)),
                   "scheduler": ASHAScheduler(time_attr="training_iteration", max_t=settings.max_epochs,
                                              grace_period=settings.grace_period,
                                              reduction_factor=settings.reduction_factor)
