@@ -167,7 +167,7 @@ class RestorableOptunaSearch(OptunaSearch):
         return suggestion
 
     def _adopt(self, trial_id: str, result: dict | None) -> None:
-        if trial_id in self._ot_trials or trial_id in self._completed_trials or not result:
+        if trial_id in self._ot_trials or not result:  # a completed trial is in _ot_trials too
             return
         self._ot_study.enqueue_trial({name: result[f"config/{name}"] for name in self._space})
         self._ot_trials[trial_id] = self._ot_study.ask(fixed_distributions=self._space)
