@@ -55,7 +55,7 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPOSITORY))  # resattn, from a bare copy of the repo
 
 from resattn.cifar10 import Split  # noqa: E402
-from resattn.data import Normalization, load_split, to_tensor_nchw  # noqa: E402
+from resattn.data import Normalization, load_split, progressive_image_size, to_tensor_nchw  # noqa: E402
 from resattn.training import (  # noqa: E402
     autocast_dtype,
     build_optimizer,
@@ -290,11 +290,15 @@ def run_recipe(args) -> None:
     dtype = autocast_dtype(device, settings["mixed_precision"])
     scaler = grad_scaler(device, dtype)
     curve = []
+    resizing = settings["progressive_resizing"]
     for epoch in range(epochs):
+        image_size = progressive_image_size(epoch, epochs, images.shape[-1], resizing["start_size"],
+                                            resizing["full_size_at"])
         result = train_epoch(runner, optimizer, scheduler, images, labels, norm, batch_size=settings["batch_size"],
                              seed=settings["seed"], epoch=epoch, label_smoothing=settings["label_smoothing"],
                              device=device, channels_last=settings["channels_last"], autocast_dtype=dtype,
-                             scaler=scaler, average=average, alternating_flip=settings["alternating_flip"])
+                             scaler=scaler, average=average, alternating_flip=settings["alternating_flip"],
+                             image_size=image_size)
         minutes = (time.perf_counter() - started) / 60
         curve.append({"epoch": epoch + 1, "train_loss": result.loss, "train_accuracy": result.accuracy,
                       "images_per_second": result.images_per_second, "minutes": minutes})

@@ -30,7 +30,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from resattn.cifar10 import OFFICIAL_URL, SOURCE_ENV_VAR, redact, secret_parts
+from resattn.cifar10 import IMAGE_SIZE, OFFICIAL_URL, SOURCE_ENV_VAR, redact, secret_parts
 from resattn.data import write_text
 from resattn.model import model_config
 from resattn.training import OPTIMIZERS, SCHEDULES
@@ -115,6 +115,13 @@ class ScheduleConfig(Section):
         return self
 
 
+class ProgressiveResizingConfig(Section):
+    start_size: int = Field(0, ge=0, le=IMAGE_SIZE, description="0: off; else the image side of the first epoch, "
+                            f"rising linearly in 4 px steps to {IMAGE_SIZE} at full_size_at")
+    full_size_at: float = Field(0.75, gt=0, le=1, description="the fraction of the epochs from which every epoch "
+                                                               "trains at full size")
+
+
 class TrainConfig(Section):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(128, ge=2, description="global: split evenly across workers")
@@ -125,6 +132,7 @@ class TrainConfig(Section):
     alternating_flip: bool = Field(False, description="mirror a fixed half of the images in even epochs and the "
                                                       "other half in odd ones, instead of a coin per image and epoch")
     bn_momentum: float = Field(0.1, gt=0, le=1, description="the weight of each batch in BN's running statistics")
+    progressive_resizing: ProgressiveResizingConfig = Field(default_factory=ProgressiveResizingConfig)
     seed: int = Field(0, ge=0)
     train_subset: int = Field(0, ge=0, description="0: every training image")
     num_workers: int | list[int] = Field(
@@ -269,6 +277,15 @@ class Params(Section):
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     tune: TuneSection = Field(default_factory=TuneSection)
+
+    @model_validator(mode="after")
+    def _images_fit_the_model(self) -> Params:
+        start = self.train.progressive_resizing.start_size
+        smallest = model_config(self.model.preset, **self.model.build_kwargs()).min_input_size
+        if 0 < start < smallest:
+            raise ValueError(f"train.progressive_resizing.start_size {start} is below {smallest}, the smallest image "
+                             f"{self.model.preset}'s masks can pool; use 0 (off) or {smallest} to {IMAGE_SIZE}")
+        return self
 
 
 def _format(error: ValidationError, source: str) -> str:

@@ -23,7 +23,7 @@ from pipeline.checkpoints import load_resumable_state, report_state
 from pipeline.config import Params
 from pipeline.tracking import start_system_metrics, stop_system_metrics, tag_run
 from resattn.cifar10 import Split
-from resattn.data import to_tensor_nchw
+from resattn.data import progressive_image_size, to_tensor_nchw
 from resattn.training import (
     NonFiniteLossError,
     autocast_dtype,
@@ -149,13 +149,16 @@ def train_loop_per_worker(config: dict) -> None:
                     print(f"  epoch {epoch + 1}: {done * world_size:,}/{total_images:,} images", flush=True)
 
             lr = optimizer.param_groups[0]["lr"]
+            resizing = train_cfg.progressive_resizing
+            image_size = progressive_image_size(epoch, train_cfg.epochs, train_images.shape[-1], resizing.start_size,
+                                                resizing.full_size_at)
             try:
                 result = train_epoch(
                     model, optimizer, scheduler, train_images, train_labels, norm,
                     batch_size=per_worker_batch, seed=train_cfg.seed, epoch=epoch, rank=rank, world_size=world_size,
                     label_smoothing=train_cfg.label_smoothing, device=device, channels_last=train_cfg.channels_last,
                     autocast_dtype=precision, scaler=scaler, average=average,
-                    alternating_flip=train_cfg.alternating_flip, progress=progress,
+                    alternating_flip=train_cfg.alternating_flip, image_size=image_size, progress=progress,
                 )
             except NonFiniteLossError as error:
                 report_divergence(str(error), epoch, rank, history)
@@ -174,6 +177,7 @@ def train_loop_per_worker(config: dict) -> None:
                 "val_loss": val_loss / val_count,
                 "val_accuracy": val_correct / val_count,
                 "lr": lr,
+                "image_size": image_size,  # the side trained at (progressive resizing), validated at full size
                 "images_per_second": result.images_per_second,  # images summed over workers
                 "workers": world_size,  # an elastic run's may change from one epoch to the next
                 "epoch_seconds": result.seconds,
@@ -188,7 +192,8 @@ def train_loop_per_worker(config: dict) -> None:
             print(
                 f"epoch {epoch + 1}/{train_cfg.epochs}: train loss {metrics['train_loss']:.4f} "
                 f"acc {metrics['train_accuracy']:.4f} | val loss {metrics['val_loss']:.4f} "
-                f"acc {metrics['val_accuracy']:.4f} | {metrics['images_per_second']:.0f} img/s",
+                f"acc {metrics['val_accuracy']:.4f} | {metrics['images_per_second']:.0f} img/s"
+                + ("" if image_size == train_images.shape[-1] else f" at {image_size} px"),
                 flush=True,
             )
             report_state(metrics, training_state(model, optimizer, scheduler, epoch, history, scaler, average))

@@ -50,6 +50,7 @@ TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 MAX_FILE_BYTES = {name: 32 * 2**20 for name in OFFICIAL_MD5} | {"batches.meta": 64 * 2**10}
 TEST_FILE = "test_batch"
 META_FILE = "batches.meta"
+IMAGE_SIZE = 32  # pixels a side
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 SOURCE_ENV_VAR = "RESATTN_CIFAR10_SOURCE"
 
@@ -415,7 +416,7 @@ def _decode_batch(path: Path) -> Split:
     if labels.size and (labels.min() < 0 or labels.max() >= len(CLASSES)):
         raise DataError(f"{path}: labels must lie in 0..{len(CLASSES) - 1}; found {labels.min()}..{labels.max()}")
     # Rows are 1024 red, 1024 green, 1024 blue values: (N, 3, 32, 32) -> NHWC.
-    images = np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+    images = np.ascontiguousarray(data.reshape(-1, 3, IMAGE_SIZE, IMAGE_SIZE).transpose(0, 2, 3, 1))
     return Split(images, labels)
 
 

@@ -12,6 +12,7 @@ import functools
 import hashlib
 import io
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -192,6 +193,31 @@ def random_crop_flip(images: torch.Tensor, generator: torch.Generator, padding: 
     batch = torch.arange(n, device=device).view(n, 1, 1, 1)
     channel = torch.arange(images.shape[1], device=device).view(1, -1, 1, 1)
     return padded[batch, channel, rows.view(n, 1, height, 1), cols.view(n, 1, 1, width)]
+
+
+def progressive_image_size(epoch: int, epochs: int, full_size: int, start_size: int = 0,
+                           full_size_at: float = 0.75, step: int = 4) -> int:
+    """The image side to train `epoch` (0-based) of `epochs` at, for progressive resizing
+    (fast.ai's DAWNBench runs, FFCV): `start_size` in the first epoch, rising linearly, to the
+    nearest `step` px, to `full_size` at epoch `full_size_at * epochs` and after. A 16 px
+    epoch costs a third of a 32 px one (BENCHMARKS.md), and the last epochs, at full size,
+    fit the network to the size it is tested at. `start_size` 0 (or `full_size`): off."""
+    if not start_size or start_size >= full_size:
+        return full_size
+    ramp_end = full_size_at * epochs
+    if epoch >= ramp_end:
+        return full_size
+    rise = (full_size - start_size) * epoch / ramp_end
+    return min(full_size, start_size + step * math.floor(rise / step + 0.5))
+
+
+def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """A float NCHW batch scaled to `size` x `size`, anti-aliased as torchvision's Resize is
+    (detail finer than the new pixels is blurred away, not aliased); unchanged at its own size."""
+    if images.shape[-2:] == (size, size):
+        return images
+    return torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", antialias=True,
+                                           align_corners=False)
 
 
 def alternating_flips(num_items: int, seed: int, epoch: int, device: torch.device = torch.device("cpu")

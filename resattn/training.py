@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from resattn.data import Normalization, alternating_flips, epoch_batches, normalize, random_crop_flip
+from resattn.data import (Normalization, alternating_flips, epoch_batches, normalize, random_crop_flip,
+                          resize_images)
 from resattn.model import ResidualAttentionNet, create_model
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -238,6 +239,7 @@ def train_epoch(
     scaler: torch.amp.GradScaler | None = None,
     average: AveragedModel | None = None,
     alternating_flip: bool = False,
+    image_size: int | None = None,
     check_loss_each_step: bool | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> EpochResult:
@@ -251,6 +253,8 @@ def train_epoch(
     GradScaler (`grad_scaler`). `average`, if given (`weight_average`), is updated after every
     step. `alternating_flip` mirrors a fixed random half of the images in even epochs and the
     other half in odd ones (`alternating_flips`), instead of a fresh coin per image and epoch.
+    `image_size`, if given, scales every augmented batch to that side (progressive resizing:
+    `resattn.data.progressive_image_size`).
     `progress`, if given, is called after every batch with this worker's images so far.
 
     Raises NonFiniteLossError, on every worker at the same step, when the loss stops being
@@ -275,7 +279,10 @@ def train_epoch(
     plain_model = unwrap(model) if average is not None else None
     for step, index in enumerate(batches):
         batch = random_crop_flip(images[index], augment_rng, flip=None if flips is None else flips[index])
-        x = normalize(batch.to(device, non_blocking=True), norm).contiguous(memory_format=memory_format)
+        x = normalize(batch.to(device, non_blocking=True), norm)
+        if image_size is not None:
+            x = resize_images(x, image_size)
+        x = x.contiguous(memory_format=memory_format)
         y = labels[index].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logits = model(x)

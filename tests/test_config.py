@@ -66,6 +66,11 @@ def test_params_yaml_is_what_dvc_composes_from_conf():
         ({"data": {"source": ""}}, "data.source: String should have at least 1 character"),
         ({"train": {"ema_decay": 1.0}}, "train.ema_decay: Input should be less than 1 (got 1.0)"),
         ({"train": {"bn_momentum": 0.0}}, "train.bn_momentum: Input should be greater than 0 (got 0.0)"),
+        ({"train": {"progressive_resizing": {"start_size": 4}}},
+         "train.progressive_resizing.start_size 4 is below 8, the smallest image attention56_narrow's masks can pool; "
+         "use 0 (off) or 8 to 32"),
+        ({"train": {"progressive_resizing": {"start_size": 40}}},
+         "train.progressive_resizing.start_size: Input should be less than or equal to 32 (got 40)"),
     ],
 )
 def test_bad_params_fail_with_one_message_naming_the_key(change, expected):

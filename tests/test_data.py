@@ -27,7 +27,9 @@ from resattn.data import (
     load_prepared,
     load_split,
     normalize,
+    progressive_image_size,
     random_crop_flip,
+    resize_images,
     save_split,
     stratified_split,
     write_json,
@@ -267,6 +269,27 @@ def test_alternating_flips_mirror_each_image_in_every_other_epoch():
     chosen = torch.tensor([True, False] * 4)
     out = random_crop_flip(images, torch.Generator().manual_seed(0), padding=0, flip=chosen)
     assert torch.equal(out[chosen], images[chosen].flip(-1)) and torch.equal(out[~chosen], images[~chosen])
+
+
+def test_progressive_resizing_ramps_the_image_side_up_to_full_size_and_stays_there():
+    sizes = [progressive_image_size(epoch, 11, 32, start_size=16, full_size_at=0.75) for epoch in range(11)]
+    assert sizes == [16, 16, 20, 20, 24, 24, 28, 28, 32, 32, 32]
+    assert [progressive_image_size(epoch, 4, 32) for epoch in range(4)] == [32] * 4  # off by default
+    assert [progressive_image_size(epoch, 4, 32, start_size=32) for epoch in range(4)] == [32] * 4
+    # full_size_at 1: the ramp spans every epoch, and each size is a multiple of the step above the start.
+    ramp = [progressive_image_size(epoch, 5, 32, start_size=12, full_size_at=1.0) for epoch in range(5)]
+    assert ramp == sorted(ramp) and ramp[0] == 12 and ramp[-1] < 32 and all((s - 12) % 4 == 0 for s in ramp)
+
+
+def test_resizing_a_batch_filters_out_detail_finer_than_its_pixels_and_leaves_full_size_untouched():
+    checkerboard = (torch.arange(32).view(1, 32) + torch.arange(32).view(32, 1)) % 2
+    batch = checkerboard.float().expand(2, 3, 32, 32)
+    assert resize_images(batch, 32) is batch
+    half = resize_images(batch, 16)
+    assert half.shape == (2, 3, 16, 16)
+    # Anti-aliased: a pattern finer than the new pixels becomes its mean grey; sampling would
+    # have kept one of its colours, as black and white as before.
+    assert torch.allclose(half, torch.full_like(half, 0.5), atol=0.02)
 
 
 def test_normalize_standardises_each_channel():
