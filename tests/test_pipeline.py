@@ -205,19 +205,22 @@ def test_the_warnings_a_local_run_silences_stay_silent_once_train_configures_its
 def test_a_run_with_a_weight_average_validates_and_keeps_the_average(project):
     """The time-to-accuracy tricks through the real worker loop: the moving average of the
     weights (BN statistics too) is checkpointed with the run and is what the model file holds;
-    alternating flip, BN momentum and the BN-and-bias learning rate run alongside."""
+    alternating flip, BN momentum, the BN-and-bias learning rate and progressive resizing (the
+    first of the two epochs at 16 px) run alongside."""
     if not (project / "data/prepared/train.npz").exists():
         run(["dvc", "repro", "preprocess"], project)
     train = yaml.safe_load((project / "params.yaml").read_text())["train"]
     variant = params_variant(project, "averaged", ray={"run_name": "averaged"},
                              train=train | {"ema_decay": 0.9, "alternating_flip": True, "bn_momentum": 0.3,
-                                            "optimizer": train["optimizer"] | {"norm_and_bias_lr_multiplier": 4.0}})
+                                            "optimizer": train["optimizer"] | {"norm_and_bias_lr_multiplier": 4.0},
+                                            "progressive_resizing": {"start_size": 16, "full_size_at": 0.5}})
     (project / "models").mkdir(exist_ok=True)
     result = subprocess.run([sys.executable, "-m", "pipeline.train", "--params", variant], cwd=project,
                             env=stage_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     state = torch.load(recorded_checkpoint(project / "ray_results", "averaged") / "state.pt", weights_only=True)
     assert int(state["weight_average"]["n_averaged"]) == 2 * (240 // 32)  # one update per step of both epochs
+    assert [epoch["image_size"] for epoch in state["history"]] == [16, 32]
     kept = torch.load(project / "models/model.pt", weights_only=True)["model"]
     assert kept.keys() == state["model"].keys()
     differs = [key for key in kept if not torch.equal(kept[key], state["model"][key])]

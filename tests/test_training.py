@@ -67,6 +67,20 @@ def test_a_healthy_epoch_is_not_stopped():
     assert result.images == 64 and 0.0 < result.loss < 10.0
 
 
+def test_an_epoch_with_an_image_size_trains_every_batch_at_that_size_in_the_asked_memory_format():
+    torch.manual_seed(0)
+    model = create_model("attention56_tiny").to(memory_format=torch.channels_last)
+    seen = []
+    model.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
+    optimizer = build_optimizer(model, "sgd", 0.01)
+    scheduler = build_scheduler(optimizer, total_steps=4, schedule="constant")
+    images, labels = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8), torch.arange(64) % 10
+    train_epoch(model, optimizer, scheduler, images, labels, NORM, batch_size=16, seed=0, epoch=0, image_size=16,
+                channels_last=True)
+    assert len(seen) == 4
+    assert all(x.shape == (16, 3, 16, 16) and x.is_contiguous(memory_format=torch.channels_last) for x in seen)
+
+
 @pytest.mark.parametrize(
     ("schedule", "step", "expected"),
     [("constant", 50, 1.0), ("step", 59, 1.0), ("step", 60, 0.1), ("step", 90, 0.01),
