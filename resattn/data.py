@@ -200,8 +200,9 @@ def progressive_image_size(epoch: int, epochs: int, full_size: int, start_size: 
     """The image side to train `epoch` (0-based) of `epochs` at, for progressive resizing
     (fast.ai's DAWNBench runs, FFCV): `start_size` in the first epoch, rising linearly, to the
     nearest `step` px, to `full_size` at epoch `full_size_at * epochs` and after. A 16 px
-    epoch costs a third of a 32 px one (BENCHMARKS.md), and the last epochs, at full size,
-    fit the network to the size it is tested at. `start_size` 0 (or `full_size`): off."""
+    epoch of CIFAR trained 2.8x faster than a 32 px one on a 2-core CPU (BENCHMARKS.md), and
+    the last epochs, at full size, fit the network to the size it is tested at. `start_size` 0
+    (or `full_size`): off."""
     if not start_size or start_size >= full_size:
         return full_size
     ramp_end = full_size_at * epochs
