@@ -117,7 +117,7 @@ class ScheduleConfig(Section):
 
 class ProgressiveResizingConfig(Section):
     start_size: int = Field(0, ge=0, le=IMAGE_SIZE, description="0: off; else the image side of the first epoch, "
-                            f"rising linearly in 4 px steps to {IMAGE_SIZE} at full_size_at")
+                            f"rising in 4 px steps, an equal share of the ramp each, to {IMAGE_SIZE} at full_size_at")
     full_size_at: float = Field(0.75, gt=0, le=1, description="the fraction of the epochs from which every epoch "
                                                                "trains at full size")
 

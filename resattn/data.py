@@ -198,18 +198,20 @@ def random_crop_flip(images: torch.Tensor, generator: torch.Generator, padding: 
 def progressive_image_size(epoch: int, epochs: int, full_size: int, start_size: int = 0,
                            full_size_at: float = 0.75, step: int = 4) -> int:
     """The image side to train `epoch` (0-based) of `epochs` at, for progressive resizing
-    (fast.ai's DAWNBench runs, FFCV): `start_size` in the first epoch, rising linearly, to the
-    nearest `step` px, to `full_size` at epoch `full_size_at * epochs` and after. A 16 px
-    epoch of CIFAR trained 2.8x faster than a 32 px one on a 2-core CPU (BENCHMARKS.md), and
-    the last epochs, at full size, fit the network to the size it is tested at. `start_size` 0
-    (or `full_size`): off."""
+    (fast.ai's DAWNBench runs, FFCV): the ramp's first `round(full_size_at * epochs)` epochs
+    step up from `start_size` by `step` px, each size below `full_size` for an equal share of
+    them (floored), and every later epoch trains at `full_size`. Equal shares put no epoch at
+    a size rounded up to full before the ramp ends, where the full-size epochs cost most: a
+    16 px epoch of CIFAR trained 2.8x faster than a 32 px one on a 2-core CPU (BENCHMARKS.md).
+    The last epochs, at full size, fit the network to the size it is tested at. `start_size`
+    0 (or `full_size`): off."""
     if not start_size or start_size >= full_size:
         return full_size
-    ramp_end = full_size_at * epochs
-    if epoch >= ramp_end:
+    ramp_epochs = max(1, math.floor(full_size_at * epochs + 0.5))
+    if epoch >= ramp_epochs:
         return full_size
-    rise = (full_size - start_size) * epoch / ramp_end
-    return min(full_size, start_size + step * math.floor(rise / step + 0.5))
+    sizes_below_full = math.ceil((full_size - start_size) / step)
+    return start_size + step * (sizes_below_full * epoch // ramp_epochs)
 
 
 def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:

@@ -276,9 +276,13 @@ def test_progressive_resizing_ramps_the_image_side_up_to_full_size_and_stays_the
     assert sizes == [16, 16, 20, 20, 24, 24, 28, 28, 32, 32, 32]
     assert [progressive_image_size(epoch, 4, 32) for epoch in range(4)] == [32] * 4  # off by default
     assert [progressive_image_size(epoch, 4, 32, start_size=32) for epoch in range(4)] == [32] * 4
-    # full_size_at 1: the ramp spans every epoch, and each size is a multiple of the step above the start.
-    ramp = [progressive_image_size(epoch, 5, 32, start_size=12, full_size_at=1.0) for epoch in range(5)]
-    assert ramp == sorted(ramp) and ramp[0] == 12 and ramp[-1] < 32 and all((s - 12) % 4 == 0 for s in ramp)
+    # The ramp's round(0.83 * 13) = 11 epochs share the five sizes below 32 as equally as whole
+    # epochs allow, and none of them rounds up to full size before the ramp ends.
+    sizes = [progressive_image_size(epoch, 13, 32, start_size=12, full_size_at=0.83) for epoch in range(13)]
+    assert sizes == [12, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28, 32, 32]
+    # A start off the step's grid climbs in whole steps and never past full size.
+    assert [progressive_image_size(epoch, 5, 32, start_size=18, full_size_at=1.0) for epoch in range(5)] == [
+        18, 18, 22, 26, 30]
 
 
 def test_resizing_a_batch_filters_out_detail_finer_than_its_pixels_and_leaves_full_size_untouched():
