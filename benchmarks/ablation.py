@@ -2,8 +2,10 @@
 with one change at a time, each with two seeds, trained through Ray Tune as one sweep (the
 pipeline's own trainer and worker loop; one MLflow parent run, a child run per trial) and
 scored on the validation split, never the test set. Prints each variant's final validation
-accuracy per seed, their mean and spread, and the difference from the recipe's mean; record the
-table in BENCHMARKS.md.
+accuracy per seed, their mean and spread, the difference from the recipe's mean, and its minutes
+of training (a change that saves time, such as progressive resizing, is worth the accuracy it
+costs only if the time buys more epochs); record the table in BENCHMARKS.md. Run it in the
+project's root: its params.yaml, conf/ and prepared data are the recipe's.
 
     dvc repro preprocess       # the pipeline's prepared arrays, which every trial reads
     .venv/bin/python benchmarks/ablation.py --profile fast --epochs 24
@@ -20,7 +22,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -35,7 +36,7 @@ import matplotlib.pyplot as plt
 from mlflow.tracking import MlflowClient
 
 from pipeline.common import failing_in_one_line, save_figure
-from pipeline.config import parse_params, resolve
+from pipeline.config import DEFAULT_PARAMS, parse_params, resolve
 from pipeline.ray_hooks import quiet_libraries
 from pipeline.search import METRIC, build_tuner, trial_raw
 from pipeline.tune import open_sweep, run_trial, trial_trainable
@@ -51,6 +52,7 @@ VARIANTS = {
     "no-label-smoothing": {"train.label_smoothing": 0.0},
     "decay-bn-and-bias": {"train.optimizer.decay_norm_and_bias": True},
     "width-0.75": {"model.overrides.width_multiplier": 0.75},  # narrow presets are 0.5: slower, and more capacity
+    "progressive-resizing": {"train.progressive_resizing.start_size": 16},  # faster epochs, at 16-28 px
 }
 
 
@@ -66,25 +68,27 @@ def sweep_name(profile: str, epochs: int, variants: dict, seeds: list[int]) -> s
 
 def summarise(results, variants: dict[str, dict], seeds: list[int]) -> tuple[list[dict], dict[tuple, list[float]]]:
     """One row per variant (each seed's final validation accuracy, mean, spread, difference from
-    the recipe's mean), and each trial's validation curve by (variant, seed)."""
-    finals, curves = {}, {}
+    the recipe's mean, mean minutes of training and validation), and each trial's validation
+    curve by (variant, seed)."""
+    finals, minutes, curves = {}, {}, {}
     for result in results:
         key = (result.config["variant"], result.config["seed"])
         history = result.metrics_dataframe
         if result.error is None and history is not None and METRIC in history:
             curves[key] = history[METRIC].tolist()
             finals[key] = curves[key][-1]
+            minutes[key] = history["training_minutes"].iloc[-1]
     rows = []
     for name, changes in variants.items():
         scores = [finals.get((name, seed), math.nan) for seed in seeds]
         done = [score for score in scores if not math.isnan(score)]
+        times = [minutes[name, seed] for seed in seeds if (name, seed) in minutes]
         rows.append({"variant": name, "changes": " ".join(f"{key}={value}" for key, value in changes.items()) or "—",
                      **{f"seed {seed}": score for seed, score in zip(seeds, scores)},
                      "mean": statistics.fmean(done) if done else math.nan,
                      "spread": max(done) - min(done) if len(done) > 1 else math.nan})
-    baseline = rows[0]["mean"]  # the recipe's: it comes first
-    for row in rows:
-        row["vs recipe"] = row["mean"] - baseline
+        rows[-1]["vs recipe"] = rows[-1]["mean"] - rows[0]["mean"]  # the recipe's row comes first
+        rows[-1]["minutes"] = statistics.fmean(times) if times else math.nan
     return rows, curves
 
 
@@ -94,6 +98,8 @@ def format_rows(rows: list[dict]) -> str:
             return value
         if math.isnan(value):
             return "—"
+        if key == "minutes":
+            return f"{value:.1f}"
         return f"{100 * value:+.2f}" if key == "vs recipe" else f"{100 * value:.2f}"
 
     header = list(rows[0])
@@ -129,13 +135,12 @@ def main() -> None:
     parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
                         help="another override of the recipe, as `dvc exp run -S` sets it")
     args = parser.parse_args()
-    os.chdir(ROOT)  # params' relative paths (data, MLflow, Ray storage) are the project's
     quiet_libraries()
     names = ["recipe", *(name for name in args.variants if name != "recipe")]
     chosen = {name: VARIANTS[name] for name in names}
     name = sweep_name(args.profile, args.epochs, chosen, args.seeds)
     with failing_in_one_line():
-        raw = resolve(ROOT / "params.yaml", [f"profile={args.profile}", *args.set, f"tune.name={name}",
+        raw = resolve(DEFAULT_PARAMS, [f"profile={args.profile}", *args.set, f"tune.name={name}",
                                              f"tune.max_epochs={args.epochs}", "tune.early_stopping=false",
                                              "tune.workers_per_trial=1"])
         params = parse_params(raw, "the recipe's params")
@@ -151,7 +156,7 @@ def main() -> None:
 
     rows, curves = summarise(results, chosen, args.seeds)
     table = format_rows(rows)
-    reports = ROOT / "reports/ablation" / name
+    reports = Path("reports/ablation") / name
     write_text(reports / "table.md", table + "\n")
     write_csv(reports / "table.csv", rows)
     plot_curves(curves, names, args.seeds, f"profile {args.profile}, {args.epochs} epochs: validation accuracy "
@@ -163,7 +168,7 @@ def main() -> None:
         if not math.isnan(row["mean"]):
             client.log_metric(context["parent_run_id"], f"mean_val_accuracy.{row['variant']}", row["mean"])
     print(f"final validation accuracy (%), {len(args.seeds)} seeds; MLflow parent run {context['parent_run_id']}, "
-          f"files in {reports.relative_to(ROOT)}:\n{table}")
+          f"files in {reports}:\n{table}")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
 """Ray Tune sweeps: the search space is checked before any trial; a tiny sweep runs for real,
 is killed after two trials and finishes on restore (ASHA, MLflow parent/child runs, the
-registry). Sweeps on a multi-node cluster: test_cluster.py."""
+registry); the ablation benchmark runs as its docstring says. Sweeps on a multi-node cluster:
+test_cluster.py."""
 
 from __future__ import annotations
 
+import csv
 import json
+import re
 import shlex
 import signal
 import subprocess
@@ -18,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
-from helpers import ROOT, kill_session, shipped_params, stage_env
+from helpers import ROOT, kill_session, run, shipped_params, stage_env
 from pipeline.config import ConfigError, compose, parse_params
 from pipeline.search import (RestorableOptunaSearch, param_space, reproduce_command, sweep_layer, trial_raw,
                              validate_space)
@@ -206,3 +209,36 @@ def test_the_reproduce_line_composes_the_trial_params_under_any_profile(sweep_as
     trial = trial_raw(resolved, sampled, settings)
     assert {**reproduced, "tune": None} == {**trial, "tune": None}
     assert trial["train"]["epochs"] == settings.max_epochs and trial["train"]["optimizer"]["lr"] == 0.05
+
+
+@pytest.mark.slow
+def test_the_ablation_trains_each_variant_and_seed_in_one_sweep_and_tables_accuracy_and_minutes(project):
+    run(["dvc", "repro", "preprocess"], project)  # as the benchmark's docstring says, then the benchmark
+    ablation = [sys.executable, str(ROOT / "benchmarks" / "ablation.py"), "--profile", "quick-cpu", "--epochs", "2",
+                "--seeds", "0", "1", "--variants", "progressive-resizing"]
+    result = subprocess.run(ablation, cwd=project, env=stage_env(), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    name = re.search(r"^sweep (ablation-quick-cpu-2ep-\w+): 2 variants x 2 seeds", result.stdout, re.M).group(1)
+    assert "| progressive-resizing | train.progressive_resizing.start_size=16 |" in result.stdout
+    with open(project / "reports/ablation" / name / "table.csv") as table:
+        rows = {row["variant"]: row for row in csv.DictReader(table)}
+    assert list(rows) == ["recipe", "progressive-resizing"]
+    for row in rows.values():
+        assert all(0 <= float(row[column]) <= 1 for column in ("seed 0", "seed 1", "mean"))
+        assert float(row["spread"]) == abs(float(row["seed 0"]) - float(row["seed 1"]))
+        assert float(row["minutes"]) > 0
+    assert float(rows["recipe"]["vs recipe"]) == 0
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    experiment_id = client.get_experiment_by_name("resattn-cifar10").experiment_id
+    (parent,) = client.search_runs([experiment_id], f"tags.role = 'sweep' and tags.sweep = '{name}'")
+    assert {"mean_val_accuracy.recipe", "mean_val_accuracy.progressive-resizing"} <= set(parent.data.metrics)
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "ablation")} == {
+        "ablation/table.md", "ablation/table.csv", "ablation/curves.png"}
+    children = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    trained_sizes = sorted(
+        (child.data.params["searched.train.seed"], child.data.params["train.progressive_resizing.start_size"],
+         [m.value for m in client.get_metric_history(child.info.run_id, "image_size")]) for child in children)
+    # Each trial trained what its variant changes, and nothing else: the recipe at 32 px, the
+    # variant's two epochs on the ramp from 16 px.
+    assert trained_sizes == [("0", "0", [32, 32]), ("0", "16", [16, 24]), ("1", "0", [32, 32]), ("1", "16", [16, 24])]
