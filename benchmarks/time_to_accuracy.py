@@ -5,7 +5,8 @@ show` and `dvc plots diff` compare the same files between experiments).
     python benchmarks/time_to_accuracy.py quick-cpu=../a/reports/train_history.csv \\
         hour-cpu=../b/reports/train_history.csv --out benchmarks/time_to_accuracy.png
 
-The x axis is the history's `training_minutes` (training and validation, every epoch); histories
+Each curve has a point per validated epoch (every one, unless `train.validate_every` is above 1).
+The x axis is the history's `training_minutes` (training and validation so far); histories
 written before that column existed give their summed `epoch_seconds` instead (training alone,
 without the few seconds of validation per epoch), and the legend says so.
 """
@@ -17,6 +18,7 @@ import csv
 import itertools
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -29,16 +31,24 @@ import matplotlib.pyplot as plt
 from pipeline.common import save_figure
 
 
-def curve(history: Path) -> tuple[list[float], list[float], bool]:
-    """(minutes, validation accuracy) after each epoch, and whether the minutes include validation."""
+class Curve(NamedTuple):
+    epochs: int
+    minutes: list[float]  # at each validated epoch
+    accuracy: list[float]  # validation accuracy (%) there
+    with_validation: bool  # whether the minutes include validation
+
+
+def curve(history: Path) -> Curve:
     with open(history) as f:
         rows = list(csv.DictReader(f))
     if not rows:
         raise SystemExit(f"error: {history} has no epochs")
-    accuracy = [100 * float(row["val_accuracy"]) for row in rows]
-    if "training_minutes" in rows[0]:
-        return [float(row["training_minutes"]) for row in rows], accuracy, True
-    return list(itertools.accumulate(float(row["epoch_seconds"]) / 60 for row in rows)), accuracy, False
+    with_validation = "training_minutes" in rows[0]
+    minutes = ([float(row["training_minutes"]) for row in rows] if with_validation
+               else list(itertools.accumulate(float(row["epoch_seconds"]) / 60 for row in rows)))
+    # With train.validate_every above 1, the epochs between validations have empty cells.
+    validated = [(m, 100 * float(row["val_accuracy"])) for m, row in zip(minutes, rows) if row["val_accuracy"]]
+    return Curve(len(rows), [m for m, _ in validated], [a for _, a in validated], with_validation)
 
 
 def main() -> None:
@@ -53,9 +63,11 @@ def main() -> None:
         label, _, path = run.partition("=")
         if not path:
             raise SystemExit(f"error: {run!r} is not LABEL=CSV")
-        minutes, accuracy, with_validation = curve(Path(path))
-        ax.plot(minutes, accuracy, marker=".", label=label + ("" if with_validation else " (training time only)"))
-        print(f"| {label} | {len(accuracy)} | {minutes[-1]:.1f} | {accuracy[-1]:.2f}% | {max(accuracy):.2f}% |")
+        run_curve = curve(Path(path))
+        minutes, accuracy = run_curve.minutes, run_curve.accuracy
+        ax.plot(minutes, accuracy, marker=".",
+                label=label + ("" if run_curve.with_validation else " (training time only)"))
+        print(f"| {label} | {run_curve.epochs} | {minutes[-1]:.1f} | {accuracy[-1]:.2f}% | {max(accuracy):.2f}% |")
     ax.set_xlabel("minutes of training")
     ax.set_ylabel("validation accuracy (%)")
     ax.grid(alpha=0.3)

@@ -9,7 +9,8 @@ later wins:
 3. the profile: conf/profile/<name>.yaml, chosen by `profile` (`-S profile=paper`);
 4. explicit overrides: `-S key=value` given to `dvc exp run`, pipeline/tune.py or
    `python -m pipeline.config`;
-5. in a sweep, each trial's sampled values, epoch budget and worker count (pipeline/tune.py).
+5. in a sweep, each trial's epoch budget, worker count, validation every epoch and sampled
+   values (pipeline/search.py, `sweep_layer`).
 
 Layers 2-4 are Hydra's (`compose`); layer 1 is validation's (`parse_params`); layer 5 is the
 sweep's (a mapping merged on top with `deep_merge`). Errors name the key, the value and what is
@@ -149,6 +150,8 @@ class TrainConfig(Section):
     compile: bool = Field(False, description="torch.compile the model (minutes of compiling first)")
     sync_batchnorm: bool = Field(False, description="batch norm statistics over all workers' shares (GPUs only)")
     eval_batch_size: int = Field(500, ge=1)
+    validate_every: int = Field(1, ge=1, description="validate after every n-th epoch and after the last; sweep "
+                                                     "trials validate every epoch, which Tune compares them on")
     max_failures: int = Field(2, ge=0)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)

@@ -49,8 +49,10 @@ def check_path(key: str) -> None:
 
 def sweep_layer(settings: TuneSection, sampled: dict[str, Any]) -> dict:
     """What a trial sets over the sweep's resolved params, the last layer of precedence
-    (pipeline/config.py): its epoch budget, its worker count, then its sampled values."""
-    layer = {"train": {"epochs": settings.max_epochs, "num_workers": settings.workers_per_trial}}
+    (pipeline/config.py): its epoch budget, its worker count, a validation every epoch (Tune's
+    schedulers and searchers compare trials on each epoch's val_accuracy, and Tune refuses a
+    result without it), then its sampled values."""
+    layer = {"train": {"epochs": settings.max_epochs, "num_workers": settings.workers_per_trial, "validate_every": 1}}
     for key, value in sampled.items():
         layer = deep_merge(layer, overlay_for(key, value))
     return layer

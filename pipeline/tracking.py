@@ -147,11 +147,11 @@ def stop_system_metrics() -> None:
 def backfill_metrics(client: MlflowClient, run_id: str, history: list[dict]) -> int:
     """Log every epoch metric the MLflow run lacks (workers skip logging during an outage);
     returns how many values were missing."""
-    keys = [key for key in history[0] if key != "epoch"]
+    keys = {key for row in history for key in row} - {"epoch"}
     logged = {key: {m.step for m in client.get_metric_history(run_id, key)} for key in keys}
     now = int(time.time() * 1000)
-    missing = [Metric(key, float(row[key]), now, row["epoch"])
-               for row in history for key in keys if row["epoch"] not in logged[key]]
+    missing = [Metric(key, float(value), now, row["epoch"])
+               for row in history for key, value in row.items() if key != "epoch" and row["epoch"] not in logged[key]]
     for start in range(0, len(missing), MLFLOW_BATCH_LIMIT):
         client.log_batch(run_id, metrics=missing[start : start + MLFLOW_BATCH_LIMIT])
     return len(missing)

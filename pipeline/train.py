@@ -101,7 +101,7 @@ def train(params: Params) -> None:
         "val_accuracy": final["val_accuracy"],
         "val_loss": final["val_loss"],
         "train_accuracy": final["train_accuracy"],
-        "best_val_accuracy": max(h["val_accuracy"] for h in history),
+        "best_val_accuracy": max(h["val_accuracy"] for h in history if "val_accuracy" in h),
         "images_per_second": sum(h["images_per_second"] for h in history) / len(history),
         **({} if fit_seconds is None else {"fit_seconds": round(fit_seconds, 1)}),
     })

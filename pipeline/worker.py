@@ -1,12 +1,13 @@
 """What each Ray Train worker runs: `train_loop_per_worker`, for a training run and for every
 sweep trial alike (pipeline/cluster.py builds the one trainer that runs it).
 
-Each worker takes its shard of every batch (DDP), validates its slice of the validation split,
-and all-reduces the sums, so every worker sees the global figures. Rank 0 prints one line per
-epoch (and a progress line every 20 s within it) and reports the full training state as a
-checkpoint; the controller logs the epoch to MLflow once every worker has reported it
-(pipeline/tracking.py, `EpochLogger`). A non-finite loss ends every worker's loop at the same
-step with a divergence record instead of a checkpoint.
+Each worker takes its shard of every batch (DDP), validates its slice of the validation split
+(after every epoch, or every `train.validate_every`-th and the last), and all-reduces the sums,
+so every worker sees the global figures. Rank 0 prints one line per epoch (and a progress line
+every 20 s within it) and reports the full training state as a checkpoint; the controller logs
+the epoch to MLflow once every worker has reported it (pipeline/tracking.py, `EpochLogger`). A
+non-finite loss ends every worker's loop at the same step with a divergence record instead of a
+checkpoint.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from resattn.training import (
     training_model,
     training_state,
     unwrap,
+    validates_after,
     weight_average,
 )
 
@@ -163,19 +165,17 @@ def train_loop_per_worker(config: dict) -> None:
             except NonFiniteLossError as error:
                 report_divergence(str(error), epoch, rank, history)
                 return
-            validated = unwrap(model) if average is None else average.module  # what the model file keeps
-            val = evaluate(
-                validated, val_images, val_labels, norm, batch_size=train_cfg.eval_batch_size,
-                device=device, channels_last=train_cfg.channels_last, autocast_dtype=precision,
-            )
-            val_loss, val_correct, val_count = global_sums(
-                val.loss * len(val_labels), val.accuracy * len(val_labels), len(val_labels), device=device)
-            metrics = {
-                "epoch": epoch + 1,
-                "train_loss": result.loss,
-                "train_accuracy": result.accuracy,
-                "val_loss": val_loss / val_count,
-                "val_accuracy": val_correct / val_count,
+            metrics = {"epoch": epoch + 1, "train_loss": result.loss, "train_accuracy": result.accuracy}
+            if validates_after(epoch, train_cfg.epochs, train_cfg.validate_every):
+                validated = unwrap(model) if average is None else average.module  # what the model file keeps
+                val = evaluate(
+                    validated, val_images, val_labels, norm, batch_size=train_cfg.eval_batch_size,
+                    device=device, channels_last=train_cfg.channels_last, autocast_dtype=precision,
+                )
+                val_loss, val_correct, val_count = global_sums(
+                    val.loss * len(val_labels), val.accuracy * len(val_labels), len(val_labels), device=device)
+                metrics |= {"val_loss": val_loss / val_count, "val_accuracy": val_correct / val_count}
+            metrics |= {
                 "lr": lr,
                 "image_size": image_size,  # the side trained at (progressive resizing), validated at full size
                 "images_per_second": result.images_per_second,  # images summed over workers
@@ -189,10 +189,11 @@ def train_loop_per_worker(config: dict) -> None:
             if rank != 0:
                 report_state(metrics, None)
                 continue
+            validation = (f"val loss {metrics['val_loss']:.4f} acc {metrics['val_accuracy']:.4f}" if "val_accuracy"
+                          in metrics else f"validated every {train_cfg.validate_every} epochs")
             print(
                 f"epoch {epoch + 1}/{train_cfg.epochs}: train loss {metrics['train_loss']:.4f} "
-                f"acc {metrics['train_accuracy']:.4f} | val loss {metrics['val_loss']:.4f} "
-                f"acc {metrics['val_accuracy']:.4f} | {metrics['images_per_second']:.0f} img/s"
+                f"acc {metrics['train_accuracy']:.4f} | {validation} | {metrics['images_per_second']:.0f} img/s"
                 + ("" if image_size == train_images.shape[-1] else f" at {image_size} px"),
                 flush=True,
             )

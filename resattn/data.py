@@ -99,9 +99,11 @@ def write_json(path: Path, content) -> None:
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
-    """Rows with the same keys, header first, written atomically."""
+    """Rows as a table, header first, written atomically. The columns are every row's keys, in the
+    order of the row that has most; a cell a row lacks (an epoch without validation) stays empty."""
+    columns = dict.fromkeys(key for row in sorted(rows, key=len, reverse=True) for key in row)
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+    writer = csv.DictWriter(text, fieldnames=list(columns), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     _atomic_write(Path(path), lambda f: f.write(text.getvalue().encode()))

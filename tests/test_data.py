@@ -32,6 +32,7 @@ from resattn.data import (
     resize_images,
     save_split,
     stratified_split,
+    write_csv,
     write_json,
 )
 
@@ -280,6 +281,9 @@ def test_progressive_resizing_ramps_the_image_side_up_to_full_size_and_stays_the
     # epochs allow, and none of them rounds up to full size before the ramp ends.
     sizes = [progressive_image_size(epoch, 13, 32, start_size=12, full_size_at=0.83) for epoch in range(13)]
     assert sizes == [12, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28, 32, 32]
+    # One epoch more: round(0.83 * 14) = 12 ramp epochs, and the extra one goes to the middle size.
+    sizes = [progressive_image_size(epoch, 14, 32, start_size=12, full_size_at=0.83) for epoch in range(14)]
+    assert sizes == [12, 12, 12, 16, 16, 20, 20, 20, 24, 24, 28, 28, 32, 32]
     # A start off the step's grid climbs in whole steps and never past full size.
     assert [progressive_image_size(epoch, 5, 32, start_size=18, full_size_at=1.0) for epoch in range(5)] == [
         18, 18, 22, 26, 30]
@@ -294,6 +298,15 @@ def test_resizing_a_batch_filters_out_detail_finer_than_its_pixels_and_leaves_fu
     # Anti-aliased: a pattern finer than the new pixels becomes its mean grey; sampling would
     # have kept one of its colours, as black and white as before.
     assert torch.allclose(half, torch.full_like(half, 0.5), atol=0.02)
+
+
+def test_a_table_whose_rows_lack_some_cells_keeps_every_column_and_leaves_those_cells_empty(tmp_path):
+    # A history validated every other epoch: its first row has no validation figures.
+    rows = [{"epoch": 1, "train_loss": 2.0}, {"epoch": 2, "train_loss": 1.5, "val_accuracy": 0.4, "minutes": 3.0}]
+    write_csv(tmp_path / "history.csv", rows)
+    assert (tmp_path / "history.csv").read_text() == ("epoch,train_loss,val_accuracy,minutes\n"
+                                                      "1,2.0,,\n"
+                                                      "2,1.5,0.4,3.0\n")
 
 
 def test_normalize_standardises_each_channel():

@@ -205,15 +205,16 @@ def test_the_warnings_a_local_run_silences_stay_silent_once_train_configures_its
 def test_a_run_with_a_weight_average_validates_and_keeps_the_average(project):
     """The time-to-accuracy tricks through the real worker loop: the moving average of the
     weights (BN statistics too) is checkpointed with the run and is what the model file holds;
-    alternating flip, BN momentum, the BN-and-bias learning rate and progressive resizing (the
-    first of the two epochs at 16 px) run alongside."""
+    alternating flip, BN momentum, the BN-and-bias learning rate, progressive resizing (the
+    first of the two epochs at 16 px) and validation only every other epoch run alongside."""
     if not (project / "data/prepared/train.npz").exists():
         run(["dvc", "repro", "preprocess"], project)
     train = yaml.safe_load((project / "params.yaml").read_text())["train"]
     variant = params_variant(project, "averaged", ray={"run_name": "averaged"},
                              train=train | {"ema_decay": 0.9, "alternating_flip": True, "bn_momentum": 0.3,
                                             "optimizer": train["optimizer"] | {"norm_and_bias_lr_multiplier": 4.0},
-                                            "progressive_resizing": {"start_size": 16, "full_size_at": 0.5}})
+                                            "progressive_resizing": {"start_size": 16, "full_size_at": 0.5},
+                                            "validate_every": 2})
     (project / "models").mkdir(exist_ok=True)
     result = subprocess.run([sys.executable, "-m", "pipeline.train", "--params", variant], cwd=project,
                             env=stage_env(), capture_output=True, text=True, timeout=600)
@@ -221,6 +222,15 @@ def test_a_run_with_a_weight_average_validates_and_keeps_the_average(project):
     state = torch.load(recorded_checkpoint(project / "ray_results", "averaged") / "state.pt", weights_only=True)
     assert int(state["weight_average"]["n_averaged"]) == 2 * (240 // 32)  # one update per step of both epochs
     assert [epoch["image_size"] for epoch in state["history"]] == [16, 32]
+    # The first epoch is not validated: no figure for it anywhere, and a line that says why.
+    assert "epoch 1/2: train loss" in result.stdout and "validated every 2 epochs" in result.stdout
+    assert ["val_accuracy" in epoch for epoch in state["history"]] == [False, True]
+    with open(project / "reports/train_history.csv") as f:
+        assert [row["val_accuracy"] != "" for row in csv.DictReader(f)] == [False, True]
+    run_id = json.loads((project / "models/mlflow_run.json").read_text())["run_id"]
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    assert [m.step for m in client.get_metric_history(run_id, "val_accuracy")] == [2]
+    assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == [1, 2]
     kept = torch.load(project / "models/model.pt", weights_only=True)["model"]
     assert kept.keys() == state["model"].keys()
     differs = [key for key in kept if not torch.equal(kept[key], state["model"][key])]

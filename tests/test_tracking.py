@@ -62,9 +62,11 @@ def test_backfill_logs_only_the_epochs_mlflow_missed(params):
     client = MlflowClient(params.mlflow.tracking_uri)
     run_id = client.create_run(client.create_experiment("backfill")).info.run_id
     history = [{"epoch": e, "val_accuracy": 0.1 * e, "train_loss": 2.0 / e} for e in (1, 2, 3)]
+    history.append({"epoch": 4, "train_loss": 0.4})  # an epoch without validation (train.validate_every)
     client.log_metric(run_id, "val_accuracy", 0.1, step=1)  # what a worker logged before an outage
-    assert backfill_metrics(client, run_id, history) == 5
+    assert backfill_metrics(client, run_id, history) == 6
     assert [m.step for m in client.get_metric_history(run_id, "val_accuracy")] == [1, 2, 3]
+    assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == [1, 2, 3, 4]
     assert backfill_metrics(client, run_id, history) == 0  # a second pass adds nothing
 
 

@@ -24,6 +24,7 @@ from resattn.training import (
     restore_training_state,
     train_epoch,
     trained_weights,
+    validates_after,
     training_model,
     training_state,
     weight_average,
@@ -79,6 +80,13 @@ def test_an_epoch_with_an_image_size_trains_every_batch_at_that_size_in_the_aske
                 channels_last=True)
     assert len(seen) == 4
     assert all(x.shape == (16, 3, 16, 16) and x.is_contiguous(memory_format=torch.channels_last) for x in seen)
+
+
+def test_validation_follows_every_nth_epoch_and_always_the_last():
+    assert [validates_after(epoch, 5) for epoch in range(5)] == [True] * 5  # every epoch by default
+    # hour-cpu-fp32: 14 epochs, validated after the 3rd, 6th, 9th, 12th and the last.
+    assert [epoch + 1 for epoch in range(14) if validates_after(epoch, 14, 3)] == [3, 6, 9, 12, 14]
+    assert [epoch + 1 for epoch in range(3) if validates_after(epoch, 3, 10)] == [3]
 
 
 @pytest.mark.parametrize(
