@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import itertools
+import math
 import sys
 from pathlib import Path
 from typing import NamedTuple
@@ -46,8 +47,10 @@ def curve(history: Path) -> Curve:
     with_validation = "training_minutes" in rows[0]
     minutes = ([float(row["training_minutes"]) for row in rows] if with_validation
                else list(itertools.accumulate(float(row["epoch_seconds"]) / 60 for row in rows)))
-    # With train.validate_every above 1, the epochs between validations have empty cells.
-    validated = [(m, 100 * float(row["val_accuracy"])) for m, row in zip(minutes, rows) if row["val_accuracy"]]
+    # With train.validate_every above 1, the epochs between validations have NaN (empty, in
+    # histories of 353030c).
+    accuracy = [100 * float(row["val_accuracy"] or "nan") for row in rows]
+    validated = [(m, a) for m, a in zip(minutes, accuracy) if not math.isnan(a)]
     return Curve(len(rows), [m for m, _ in validated], [a for _, a in validated], with_validation)
 
 

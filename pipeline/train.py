@@ -94,7 +94,9 @@ def train(params: Params) -> None:
 
     save_trained_model(state, params, MODEL_FILE)
     history = state["history"]
-    write_csv(HISTORY_FILE, history)
+    # An epoch without validation (train.validate_every) has none of its figures: NaN, which DVC's
+    # plots pass over, where they read an empty cell as 0 and draw the curve down to it.
+    write_csv(HISTORY_FILE, history, missing="nan")
     final = history[-1]
     write_json(METRICS_FILE, {
         "epochs": final["epoch"],

@@ -98,12 +98,12 @@ def write_json(path: Path, content) -> None:
     _atomic_write(Path(path), lambda f: f.write((json.dumps(content, indent=2) + "\n").encode()))
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
+def write_csv(path: Path, rows: list[dict], missing: str = "") -> None:
     """Rows as a table, header first, written atomically. The columns are every row's keys, in the
-    order of the row that has most; a cell a row lacks (an epoch without validation) stays empty."""
+    order of the row that has most; a cell a row lacks holds `missing`."""
     columns = dict.fromkeys(key for row in sorted(rows, key=len, reverse=True) for key in row)
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(columns), lineterminator="\n")
+    writer = csv.DictWriter(text, fieldnames=list(columns), restval=missing, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     _atomic_write(Path(path), lambda f: f.write(text.getvalue().encode()))

@@ -323,7 +323,8 @@ def validates_after(epoch: int, epochs: int, every: int = 1) -> bool:
     """Whether `epoch` (0-based) of `epochs` ends with a validation: every `every`-th epoch, and
     always the last, whose figures go with the model file. A validation costs the same whatever
     the epoch's image side (the full-size split), so on a progressive-resizing ramp it is a large
-    share of each early epoch: 16 s against 90 s of training at 12 px on a 2-core AVX2 CPU."""
+    share of each early epoch: 16 s against 90 s of training at 12 px on a 2-core AVX2 CPU. The
+    weights do not depend on it."""
     return (epoch + 1) % every == 0 or epoch + 1 == epochs
 
 

@@ -300,13 +300,15 @@ def test_resizing_a_batch_filters_out_detail_finer_than_its_pixels_and_leaves_fu
     assert torch.allclose(half, torch.full_like(half, 0.5), atol=0.02)
 
 
-def test_a_table_whose_rows_lack_some_cells_keeps_every_column_and_leaves_those_cells_empty(tmp_path):
+def test_a_table_whose_rows_lack_some_cells_keeps_every_column_and_fills_those_cells_as_asked(tmp_path):
     # A history validated every other epoch: its first row has no validation figures.
     rows = [{"epoch": 1, "train_loss": 2.0}, {"epoch": 2, "train_loss": 1.5, "val_accuracy": 0.4, "minutes": 3.0}]
     write_csv(tmp_path / "history.csv", rows)
     assert (tmp_path / "history.csv").read_text() == ("epoch,train_loss,val_accuracy,minutes\n"
                                                       "1,2.0,,\n"
                                                       "2,1.5,0.4,3.0\n")
+    write_csv(tmp_path / "history.csv", rows, missing="nan")
+    assert (tmp_path / "history.csv").read_text().splitlines()[1] == "1,2.0,nan,nan"
 
 
 def test_normalize_standardises_each_channel():
