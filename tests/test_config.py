@@ -20,7 +20,7 @@ PROFILES = sorted(path.stem for path in (PARAMS.parent / "conf" / "profile").glo
 
 
 def test_the_shipped_params_and_every_profile_validate():
-    assert PROFILES == ["a92-gpu", "fast", "hour-cpu", "hour-cpu-fp32", "paper", "quick-cpu", "seed-report"]
+    assert PROFILES == ["a92-gpu", "fast", "hour-cpu", "hour-cpu-a56", "hour-cpu-fp32", "paper", "quick-cpu", "seed-report"]
     for profile in PROFILES:
         assert load_params(PARAMS, [f"profile={profile}"]).profile == profile
     assert load_params(PARAMS, ["profile=paper"]).model.preset == "attention92"
