@@ -70,17 +70,16 @@ def summarise(results, variants: dict[str, dict], seeds: list[int]) -> tuple[lis
     """One row per variant (each seed's final validation accuracy, mean, spread, difference from
     the recipe's mean, mean minutes of training and validation), and each trial's validation
     curve by (variant, seed)."""
-    finals, minutes, curves = {}, {}, {}
+    curves, minutes = {}, {}  # by (variant, seed), for the trials that finished
     for result in results:
         key = (result.config["variant"], result.config["seed"])
         history = result.metrics_dataframe
         if result.error is None and history is not None and METRIC in history:
             curves[key] = history[METRIC].tolist()
-            finals[key] = curves[key][-1]
             minutes[key] = history["training_minutes"].iloc[-1]
     rows = []
     for name, changes in variants.items():
-        scores = [finals.get((name, seed), math.nan) for seed in seeds]
+        scores = [curves[name, seed][-1] if (name, seed) in curves else math.nan for seed in seeds]
         done = [score for score in scores if not math.isnan(score)]
         times = [minutes[name, seed] for seed in seeds if (name, seed) in minutes]
         rows.append({"variant": name, "changes": " ".join(f"{key}={value}" for key, value in changes.items()) or "—",
