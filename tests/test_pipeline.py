@@ -20,6 +20,7 @@ from PIL import Image
 from helpers import ROOT, params_variant, recorded_checkpoint, run, stage_env, synthetic_split
 from pipeline import ray_hooks
 from resattn.model_file import load_model
+from resattn.training import autocast_dtype, precision_name
 
 pytestmark = pytest.mark.slow
 
@@ -44,6 +45,8 @@ def test_dvc_repro_runs_every_stage_registers_a_model_and_then_is_a_no_op(projec
     assert card["val"]["per_class"] == {cls: 6 for cls in card["val"]["per_class"]}
     register = json.loads((project / "reports/register.json").read_text())
     assert register["version"] == 1 and register["promoted"]
+    evaluation = json.loads((project / "reports/evaluate.json").read_text())
+    assert evaluation["precision"] == precision_name(autocast_dtype(torch.device("cpu"), True))  # as validation scores
     with open(project / "reports/train_history.csv") as f:
         history = list(csv.DictReader(f))
     assert [int(row["epoch"]) for row in history] == [1, 2]
