@@ -18,8 +18,12 @@ and std. `run` reports, as JSON and one line each:
 - a short accuracy run: --accuracy-epochs of one-cycle SGD on the packed training images, then
   the packed test images, once (a subset of CIFAR-10: the report says how many of each).
 
-On a CPU (`--device cpu`) it runs the same code, which is how it is tested; the sync count
-and memory are GPU-only and reported as null there.
+`profile` (no data) times the step eager in bf16 at several batch sizes on random images drawn
+on the device, and under torch.profiler sums its kernels' time and counts them: how much of the
+step the GPU works, and which operators cost it and the host most.
+
+On a CPU (`--device cpu`) it runs the same code, which is how it is tested; the sync count,
+memory and kernel figures are GPU-only and reported as null there.
 
 A profile's whole recipe, on all of CIFAR-10 (the a92-gpu profile's 95%-in-10-minutes goal):
 
@@ -35,6 +39,11 @@ which checks that every part of the same pack is there, then trains the recipe's
 optimizer, schedule, batch, augmentation and precision (resattn's own functions, as the
 pipeline's worker), prints every epoch, and scores the test set once with the recipe's TTA.
 Its minutes are training and that one evaluation, torch only: the pipeline adds Ray's start-up.
+
+`recipe --minutes M` fits the run to a wall-clock budget, for a device call that cannot be
+repeated: before training it measures the recipe's step eager and, where the recipe compiles,
+compiled (compilation included in the minutes), trains with the faster, and cuts the recipe's
+epochs to what that rate fits in M minutes with the scoring. Both rates go into the report.
 """
 
 from __future__ import annotations
@@ -267,6 +276,106 @@ def run(args) -> None:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
 
 
+CALIBRATION_WARMUP_STEPS = 3  # cuDNN's algorithm search and torch.compile's compilation happen here
+BUDGET_MARGIN = 0.95  # a short measurement flatters: the clocks, the allocator and the host are warm
+
+
+def step_rate(runner: torch.nn.Module, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+              norm: Normalization, settings: dict, device: torch.device, dtype: torch.dtype | None,
+              steps: int) -> tuple[float, float]:
+    """The recipe's training step through `runner`: img/s over `steps` steps after the warm-up,
+    and the warm-up's seconds. It steps at a learning rate of 0 and puts `model`'s weights and
+    BN buffers back, so the recipe trains from the same start."""
+    kept = {name: value.clone() for name, value in model.state_dict().items()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    constant = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    batch_size = settings["batch_size"]
+
+    def run_steps(count: int, epoch: int) -> float:  # img/s
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        result = train_epoch(runner, optimizer, constant, images[: count * batch_size], labels[: count * batch_size], norm,
+                    batch_size=batch_size, seed=settings["seed"], epoch=epoch,
+                    label_smoothing=settings["label_smoothing"], device=device,
+                    channels_last=settings["channels_last"], autocast_dtype=dtype, scaler=grad_scaler(device, dtype),
+                    alternating_flip=settings["alternating_flip"])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return result.images / (time.perf_counter() - started)
+
+    started = time.perf_counter()
+    try:
+        run_steps(CALIBRATION_WARMUP_STEPS, 0)
+        warmup_seconds = time.perf_counter() - started
+        rate = run_steps(steps, 1)
+    finally:
+        model.load_state_dict(kept)
+    return rate, warmup_seconds
+
+
+def epochs_within(minutes: float, spent_seconds: float, rate: float, train_images: int, batch_size: int,
+                  scored_images: int) -> int:
+    """How many epochs at `rate` img/s fit in what is left of `minutes` after `spent_seconds`
+    and the scoring: `scored_images` forward passes, counted at the training step's rate (a
+    forward pass costs about a third of a step: the rest is margin)."""
+    epoch_seconds = train_images // batch_size * batch_size / rate
+    left = minutes * 60 - spent_seconds - scored_images / rate
+    return max(int(left * BUDGET_MARGIN / epoch_seconds), 0)
+
+
+def profile_steps(args) -> None:
+    """Where the step's time goes at each batch size, eager and with no data carried (random
+    images drawn on the device): the real step's img/s (train_epoch in channels_last + mixed
+    precision), then under torch.profiler the GPU's busy time (its kernels' times summed)
+    against that step's wall time, kernels per step, and the operators costing most GPU and host
+    time. A GPU busy for a small share of the step waits on the host to issue its kernels."""
+    device = args.device
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as the pipeline's workers do
+    norm = Normalization((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
+    print(f"# {device_name}, torch {torch.__version__}, {args.preset}, eager, {args.steps} timed and "
+          f"{args.profiled_steps} profiled steps per batch size", flush=True)
+    report = {"device": device_name, "torch": torch.__version__, "preset": args.preset, "batches": []}
+    tables = []
+    for batch_size in args.batch_sizes:
+        settings = argparse.Namespace(**{**vars(args), "batch_size": batch_size})
+        generator = torch.Generator(device=device).manual_seed(0)
+        count = batch_size * max(args.steps, args.profiled_steps, args.warmup_steps)
+        images = torch.randint(0, 256, (count, 3, 32, 32), dtype=torch.uint8, device=device, generator=generator)
+        labels = torch.randint(0, 10, (count,), device=device, generator=generator)
+        trainer = Trainer(settings, images, labels, norm, channels_last=True, mixed=True, compile=False, epochs=1)
+        trainer.epoch(0, args.warmup_steps * batch_size)  # cuDNN's algorithm search
+        started = time.perf_counter()
+        trainer.epoch(1, args.steps * batch_size)  # its loss read at the end waits for the GPU
+        step_ms = (time.perf_counter() - started) * 1000 / args.steps
+        with torch.profiler.profile(activities=activities) as profiler:
+            trainer.epoch(2, args.profiled_steps * batch_size)
+        operators = profiler.key_averages()
+        # The kernels alone: an operator's own device time is its kernels' again.
+        kernels_run = [op for op in operators if op.device_type == torch.autograd.DeviceType.CUDA]
+        busy_ms = sum(op.self_device_time_total for op in kernels_run) / 1000 / args.profiled_steps
+        kernels = sum(op.count for op in kernels_run)
+        row = {"batch_size": batch_size, "img_per_s": batch_size * 1000 / step_ms, "step_ms": step_ms,
+               "gpu_busy_ms": busy_ms if device.type == "cuda" else None,
+               "kernels_per_step": kernels / args.profiled_steps if device.type == "cuda" else None}
+        report["batches"].append(row)
+        busy = (f"; GPU busy {busy_ms:.1f} ms of it ({busy_ms / step_ms:.0%}), {row['kernels_per_step']:,.0f} kernels"
+                if device.type == "cuda" else "")
+        print(f"batch {batch_size:5}: {row['img_per_s']:9,.0f} img/s, {step_ms:.1f} ms a step{busy}", flush=True)
+        sort_keys = (["self_device_time_total"] if device.type == "cuda" else []) + ["self_cpu_time_total"]
+        tables += [f"## batch {batch_size}, by {key}\n{operators.table(sort_by=key, row_limit=args.rows)}"
+                   for key in sort_keys]
+    print("\n\n".join(tables), flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
 def run_recipe(args) -> None:
     manifest, train, test = load_recipe_pack(args.data)
     recipe, device = manifest["recipe"], args.device
@@ -283,12 +392,44 @@ def run_recipe(args) -> None:
     torch.manual_seed(settings["seed"])
     model = training_model(recipe["preset"], recipe["model"], bn_momentum=settings["bn_momentum"],
                            channels_last=settings["channels_last"], device=device)
+    dtype = autocast_dtype(device, settings["mixed_precision"])
+    scaler = grad_scaler(device, dtype)
     runner = torch.compile(model) if settings["compile"] else model
+    scoring = recipe["evaluate"]
+    calibration = None
+    if args.minutes:
+        runners = {"eager": model, **({"compiled": runner} if settings["compile"] else {})}
+        calibration = {}
+        for name, candidate in runners.items():
+            try:
+                rate, warmup = step_rate(candidate, model, images, labels, norm, settings, device, dtype,
+                                         args.calibration_steps)
+            except Exception as error:  # a compiler's failure should cost its rate, not the device call
+                if name == "eager":
+                    raise
+                calibration[name] = {"error": f"{type(error).__name__}: {error}"[:2000]}
+                print(f"calibration, {name}: failed ({calibration[name]['error'][:300]}); training eager", flush=True)
+                continue
+            calibration[name] = {"img_per_s": rate, "warmup_seconds": warmup}
+            print(f"calibration, {name}: {rate:,.0f} img/s over {args.calibration_steps} steps (warm-up {warmup:.0f} s)",
+                  flush=True)
+        chosen = max((name for name in calibration if "img_per_s" in calibration[name]),
+                     key=lambda name: calibration[name]["img_per_s"])
+        runner = runners[chosen]
+        views = (1 + scoring["flip_tta"]) * (1 + 2 * scoring["translate_tta"])
+        fitting = epochs_within(args.minutes, time.perf_counter() - started, calibration[chosen]["img_per_s"],
+                                len(labels), settings["batch_size"], views * len(test))
+        if fitting < 1:
+            raise SystemExit(f"error: --minutes {args.minutes} fits no epoch: {time.perf_counter() - started:.0f} s "
+                             f"are spent and the step trains {calibration[chosen]['img_per_s']:,.0f} img/s "
+                             f"({chosen}); give more minutes")
+        calibration.update(trained=chosen, epochs_fitting=fitting)
+        epochs = min(epochs, fitting)
+        print(f"training {chosen}: {epochs} epochs fit in {args.minutes} minutes (the recipe has "
+              f"{settings['epochs']}, at most {fitting} fit)", flush=True)
     steps = len(labels) // settings["batch_size"]
     optimizer, scheduler = optimizer_and_scheduler(model, settings["optimizer"], settings["schedule"], epochs, steps)
     average = weight_average(model, settings["ema_decay"])
-    dtype = autocast_dtype(device, settings["mixed_precision"])
-    scaler = grad_scaler(device, dtype)
     curve = []
     resizing = settings["progressive_resizing"]
     for epoch in range(epochs):
@@ -304,7 +445,6 @@ def run_recipe(args) -> None:
                       "images_per_second": result.images_per_second, "minutes": minutes})
         print(f"epoch {epoch + 1}/{epochs}: train loss {result.loss:.4f} acc {result.accuracy:.4f} | "
               f"{result.images_per_second:,.0f} img/s | {minutes:.2f} min", flush=True)
-    scoring = recipe["evaluate"]
     scored = model if average is None else average.module  # what the pipeline's model file keeps
     scores = evaluate(scored, to_tensor_nchw(test.images), torch.from_numpy(test.labels), norm,
                       batch_size=scoring["batch_size"], flip_tta=scoring["flip_tta"],
@@ -312,7 +452,8 @@ def run_recipe(args) -> None:
                       autocast_dtype=dtype)
     minutes = (time.perf_counter() - started) / 60
     report = {"device": device_name, "torch": torch.__version__, "pack": manifest["pack"], "recipe": recipe,
-              "epochs": epochs, "train_images": len(train), "test_images": len(test),
+              "epochs": epochs, "minutes_budget": args.minutes, "calibration": calibration,
+              "train_images": len(train), "test_images": len(test),
               "precision": precision_name(dtype), "minutes": minutes,
               "test_accuracy": scores.accuracy, "test_accuracy_single_view": scores.single_view_accuracy,
               "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
@@ -344,6 +485,16 @@ def main(argv: list[str] | None = None) -> None:
     running.add_argument("--warmup-steps", type=int, default=5)
     running.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     running.add_argument("--accuracy-epochs", type=int, default=10, help="0: no accuracy run")
+    profiling = commands.add_parser("profile", help="where the step's time goes, per batch size (on the GPU machine)")
+    profiling.add_argument("--out", type=Path, help="the report as JSON")
+    profiling.add_argument("--device", type=torch.device, default="cuda" if torch.cuda.is_available() else "cpu")
+    profiling.add_argument("--preset", default="attention92")
+    profiling.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 256, 512, 1024])
+    profiling.add_argument("--lr", type=float, default=0.2)
+    profiling.add_argument("--steps", type=int, default=10, help="timed steps per batch size")
+    profiling.add_argument("--warmup-steps", type=int, default=3)
+    profiling.add_argument("--profiled-steps", type=int, default=3)
+    profiling.add_argument("--rows", type=int, default=12, help="operators in each table")
     recipe_packing = commands.add_parser("pack-recipe", help="a profile's recipe and all of CIFAR-10, in parts")
     recipe_packing.add_argument("--profile", required=True, help="conf/profile/<name>.yaml, e.g. a92-gpu")
     recipe_packing.add_argument("-S", "--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
@@ -356,6 +507,10 @@ def main(argv: list[str] | None = None) -> None:
     recipe.add_argument("--out", type=Path, help="the report as JSON")
     recipe.add_argument("--device", type=torch.device, default="cuda" if torch.cuda.is_available() else "cpu")
     recipe.add_argument("--epochs", type=int, default=0, help="0: the recipe's; fewer when the rate says so")
+    recipe.add_argument("--minutes", type=float, default=0.0,
+                        help="a wall-clock budget for the whole run: measure the step first, then train as many of "
+                             "the recipe's epochs as fit (0: no budget)")
+    recipe.add_argument("--calibration-steps", type=int, default=20, help="timed steps per runner, with --minutes")
     args = parser.parse_args(argv)
     if args.command == "pack":
         pack(args.prepared, args.out, args.train_images, args.test_images)
@@ -363,6 +518,8 @@ def main(argv: list[str] | None = None) -> None:
         pack_recipe(args.prepared, args.out, args.profile, args.assignments, args.part_mib)
     elif args.command == "recipe":
         run_recipe(args)
+    elif args.command == "profile":
+        profile_steps(args)
     else:
         run(args)
 

@@ -107,3 +107,41 @@ def test_a_profiles_recipe_travels_in_parts_and_trains_only_once_every_part_is_t
     (parts / "part-9-of-9.npz").write_bytes(kept)  # and a part left over from the first
     mixed = check("recipe", "--data", str(parts), "--device", "cpu")
     assert mixed.returncode == 1 and "mixes parts of different packs" in mixed.stderr
+
+
+def test_a_recipe_given_minutes_measures_its_step_first_and_trains_the_epochs_that_fit(tmp_path, prepared, check):
+    parts = tmp_path / "gpu_recipe"
+    packing = check("pack-recipe", "--profile", "quick-cpu", "--prepared", str(prepared), "--out", str(parts),
+                    "-S", "model.preset=attention56_tiny", "-S", "train.batch_size=16", "-S", "train.epochs=1000")
+    assert packing.returncode == 0, packing.stderr[-3000:]
+
+    report_file = tmp_path / "out" / "recipe.json"
+    budget = 0.1
+    trained = check("recipe", "--data", str(parts), "--device", "cpu", "--minutes", str(budget),
+                    "--calibration-steps", "3", "--out", str(report_file))
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    report = json.loads(report_file.read_text())
+    calibration = report["calibration"]
+    assert calibration["trained"] == "eager" and "compiled" not in calibration  # the recipe does not compile
+    assert calibration["eager"]["img_per_s"] > 0
+    assert 1 <= report["epochs"] == calibration["epochs_fitting"] < 1000
+    assert len(report["curve"]) == report["epochs"] and report["minutes_budget"] == budget
+    assert report["minutes"] < budget * 1.5  # the fit aims under the budget; a busy machine may overshoot a little
+    assert f"{report['epochs']} epochs fit in {budget} minutes (the recipe has 1000" in trained.stdout
+
+    too_short = check("recipe", "--data", str(parts), "--device", "cpu", "--minutes", "0.0001")
+    assert too_short.returncode == 1 and "--minutes 0.0001 fits no epoch" in too_short.stderr
+    assert "give more minutes" in too_short.stderr and "epoch 1/" not in too_short.stdout
+
+
+def test_the_step_profile_reports_each_batch_sizes_rate_without_any_data(tmp_path, check):
+    report_file = tmp_path / "out" / "profile.json"
+    profiled = check("profile", "--device", "cpu", "--preset", "attention56_tiny", "--batch-sizes", "8", "16",
+                     "--steps", "2", "--warmup-steps", "1", "--profiled-steps", "1", "--rows", "3",
+                     "--out", str(report_file))
+    assert profiled.returncode == 0, profiled.stderr[-3000:]
+    report = json.loads(report_file.read_text())
+    assert [row["batch_size"] for row in report["batches"]] == [8, 16]
+    assert all(row["img_per_s"] > 0 and row["step_ms"] > 0 for row in report["batches"])
+    assert all(row["gpu_busy_ms"] is None and row["kernels_per_step"] is None for row in report["batches"])
+    assert "batch     8:" in profiled.stdout and "## batch 16, by self_cpu_time_total" in profiled.stdout
