@@ -35,6 +35,7 @@ import torch
 from pipeline.config import load_params
 from pipeline.checkpoints import report_state
 from pipeline.cluster import LOCAL_RAY_ENV, start_ray
+from pipeline.worker import DDP_OPTIONS
 from resattn import cifar10
 from resattn.data import Normalization, channel_stats, to_tensor_nchw
 from resattn.training import (autocast_dtype, build_optimizer, build_scheduler, precision_name, train_epoch,
@@ -53,7 +54,7 @@ def timed_epochs(config: dict, data: tuple, in_ray: bool) -> list[tuple[float, f
     torch.manual_seed(0)
     model = training_model(config["preset"], channels_last=True)
     if in_ray:
-        model = ray.train.torch.prepare_model(model)  # DDP with more than one worker, as in the pipeline
+        model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=DDP_OPTIONS)  # as the pipeline does
     optimizer = build_optimizer(model, "sgd", 0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
     steps = len(labels) // config["batch_size"]
     scheduler = build_scheduler(optimizer, total_steps=steps * config["epochs"], schedule="onecycle", warmup_steps=steps // 2)

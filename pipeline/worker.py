@@ -43,6 +43,11 @@ from resattn.training import (
 )
 
 PROGRESS_SECONDS = 20.0
+# The gradients live in DDP's all-reduce buckets instead of being copied into them and back
+# after each all-reduce: one gradient-sized buffer less, and 4.9 ms of a 358 ms Attention-56
+# step on 2 one-thread CPU workers (median of 6 interleaved rounds, 5 of them faster; within
+# the noise of a 3-round run: benchmarks/ddp_overhead.py, BENCHMARKS.md).
+DDP_OPTIONS = {"gradient_as_bucket_view": True}
 
 
 def use_reserved_cpus() -> int:
@@ -107,7 +112,7 @@ def train_loop_per_worker(config: dict) -> None:
                            channels_last=train_cfg.channels_last, device=device)
     if train_cfg.sync_batchnorm:  # batch statistics over every worker's share of the batch
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = ray.train.torch.prepare_model(model)
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=DDP_OPTIONS)
     if train_cfg.compile:  # the DDP model, so that compiled graphs break at its gradient buckets
         model = torch.compile(model)
     per_worker_batch = train_cfg.batch_size // world_size
