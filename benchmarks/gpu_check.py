@@ -20,7 +20,8 @@ and std. `run` reports, as JSON and one line each:
 
 `profile` (no data) times the step eager in bf16 at several batch sizes on random images drawn
 on the device, and under torch.profiler sums its kernels' time and counts them: how much of the
-step the GPU works, and which operators cost it and the host most.
+step the GPU works, and which operators cost it and the host most. `--cuda-graphs` also times
+the step replayed as a CUDA graph from the same start, and compares the two warm-up losses.
 
 On a CPU (`--device cpu`) it runs the same code, which is how it is tested; the sync count,
 memory and kernel figures are GPU-only and reported as null there.
@@ -42,8 +43,9 @@ Its minutes are training and that one evaluation, torch only: the pipeline adds 
 
 `recipe --minutes M` fits the run to a wall-clock budget, for a device call that cannot be
 repeated: before training it measures the recipe's step eager and, where the recipe compiles,
-compiled (compilation included in the minutes), trains with the faster, and cuts the recipe's
-epochs to what that rate fits in M minutes with the scoring. Both rates go into the report.
+compiled (compilation included in the minutes), and where it sets `train.cuda_graphs`, replayed
+as a CUDA graph; trains with the fastest, and cuts the recipe's epochs to what that rate fits in
+M minutes with the scoring. Every rate goes into the report.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ sys.path.insert(0, str(REPOSITORY))  # resattn, from a bare copy of the repo
 from resattn.cifar10 import Split  # noqa: E402
 from resattn.data import Normalization, load_split, progressive_image_size, to_tensor_nchw  # noqa: E402
 from resattn.training import (  # noqa: E402
+    GraphedStep,
     autocast_dtype,
     build_optimizer,
     build_scheduler,
@@ -157,17 +160,19 @@ class Trainer:
     """One model, optimizer and schedule in one mode, stepping through train_epoch."""
 
     def __init__(self, args, images: torch.Tensor, labels: torch.Tensor, norm: Normalization, *,
-                 channels_last: bool, mixed: bool, compile: bool, epochs: int):
+                 channels_last: bool, mixed: bool, compile: bool, epochs: int, graphs: bool = False):
         torch.manual_seed(0)
         self.model = training_model(args.preset, channels_last=channels_last, device=args.device)
         self.runner = torch.compile(self.model) if compile else self.model
         steps = len(labels) // args.batch_size
         self.optimizer = build_optimizer(self.model, "sgd", args.lr, momentum=0.9, nesterov=True, weight_decay=5e-4,
-                                         decay_norm_and_bias=False)
+                                         decay_norm_and_bias=False, capturable=graphs)
         self.scheduler = build_scheduler(self.optimizer, total_steps=steps * epochs, schedule="onecycle",
                                          warmup_steps=max(steps * epochs // 5, 1))
         self.dtype = autocast_dtype(args.device, mixed)
         self.scaler = grad_scaler(args.device, self.dtype)
+        self.graphed = (GraphedStep(self.model, self.optimizer, label_smoothing=0.1, autocast_dtype=self.dtype)
+                        if graphs else None)
         self.images, self.labels, self.norm, self.args = images, labels, norm, args
         self.channels_last = channels_last
 
@@ -176,7 +181,7 @@ class Trainer:
         return train_epoch(self.runner, self.optimizer, self.scheduler, self.images[:count], self.labels[:count],
                            self.norm, batch_size=self.args.batch_size, seed=0, epoch=epoch, label_smoothing=0.1,
                            device=self.args.device, channels_last=self.channels_last, autocast_dtype=self.dtype,
-                           scaler=self.scaler)
+                           scaler=self.scaler, graphed=self.graphed)
 
 
 def synchronizations(trainer: Trainer, steps: int, epoch: int) -> int:
@@ -276,30 +281,35 @@ def run(args) -> None:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
 
 
-CALIBRATION_WARMUP_STEPS = 3  # cuDNN's algorithm search and torch.compile's compilation happen here
+# cuDNN's algorithm search, torch.compile's compilation, a CUDA graph's eager warm-up and capture
+CALIBRATION_WARMUP_STEPS = GraphedStep.WARMUP_STEPS + 1
 BUDGET_MARGIN = 0.95  # a short measurement flatters: the clocks, the allocator and the host are warm
 
 
 def step_rate(runner: torch.nn.Module, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
               norm: Normalization, settings: dict, device: torch.device, dtype: torch.dtype | None,
-              steps: int) -> tuple[float, float]:
-    """The recipe's training step through `runner`: img/s over `steps` steps after the warm-up,
-    and the warm-up's seconds. It steps at a learning rate of 0 and puts `model`'s weights and
-    BN buffers back, so the recipe trains from the same start."""
+              steps: int, *, graphs: bool = False) -> tuple[float, float]:
+    """The recipe's training step through `runner` (replayed as a CUDA graph with `graphs`):
+    img/s over `steps` steps after the warm-up, and the warm-up's seconds. It steps at a
+    learning rate of 0 and puts `model`'s weights and BN buffers back, so the recipe trains from
+    the same start."""
     kept = {name: value.clone() for name, value in model.state_dict().items()}
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    optimizer = build_optimizer(model, "sgd", 0.0, momentum=0.0, capturable=graphs)
     constant = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    graphed = (GraphedStep(model, optimizer, label_smoothing=settings["label_smoothing"], autocast_dtype=dtype)
+               if graphs else None)
     batch_size = settings["batch_size"]
 
     def run_steps(count: int, epoch: int) -> float:  # img/s
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         started = time.perf_counter()
-        result = train_epoch(runner, optimizer, constant, images[: count * batch_size], labels[: count * batch_size], norm,
-                    batch_size=batch_size, seed=settings["seed"], epoch=epoch,
-                    label_smoothing=settings["label_smoothing"], device=device,
-                    channels_last=settings["channels_last"], autocast_dtype=dtype, scaler=grad_scaler(device, dtype),
-                    alternating_flip=settings["alternating_flip"])
+        result = train_epoch(runner, optimizer, constant, images[: count * batch_size], labels[: count * batch_size],
+                             norm, batch_size=batch_size, seed=settings["seed"], epoch=epoch,
+                             label_smoothing=settings["label_smoothing"], device=device,
+                             channels_last=settings["channels_last"], autocast_dtype=dtype,
+                             scaler=grad_scaler(device, dtype), alternating_flip=settings["alternating_flip"],
+                             graphed=graphed)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return result.images / (time.perf_counter() - started)
@@ -331,6 +341,8 @@ def profile_steps(args) -> None:
     against that step's wall time, kernels per step, and the operators costing most GPU and host
     time. A GPU busy for a small share of the step waits on the host to issue its kernels."""
     device = args.device
+    if args.cuda_graphs and device.type != "cuda":
+        raise SystemExit(f"error: --cuda-graphs needs a CUDA device, not {device}")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as the pipeline's workers do
     norm = Normalization((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
@@ -342,17 +354,24 @@ def profile_steps(args) -> None:
           f"{args.profiled_steps} profiled steps per batch size", flush=True)
     report = {"device": device_name, "torch": torch.__version__, "preset": args.preset, "batches": []}
     tables = []
+    # A graph is captured at the step after its eager warm-up: inside the warm-up epoch, untimed.
+    warmup_steps = max(args.warmup_steps, GraphedStep.WARMUP_STEPS + 1) if args.cuda_graphs else args.warmup_steps
     for batch_size in args.batch_sizes:
         settings = argparse.Namespace(**{**vars(args), "batch_size": batch_size})
         generator = torch.Generator(device=device).manual_seed(0)
-        count = batch_size * max(args.steps, args.profiled_steps, args.warmup_steps)
+        count = batch_size * max(args.steps, args.profiled_steps, warmup_steps)
         images = torch.randint(0, 256, (count, 3, 32, 32), dtype=torch.uint8, device=device, generator=generator)
         labels = torch.randint(0, 10, (count,), device=device, generator=generator)
-        trainer = Trainer(settings, images, labels, norm, channels_last=True, mixed=True, compile=False, epochs=1)
-        trainer.epoch(0, args.warmup_steps * batch_size)  # cuDNN's algorithm search
-        started = time.perf_counter()
-        trainer.epoch(1, args.steps * batch_size)  # its loss read at the end waits for the GPU
-        step_ms = (time.perf_counter() - started) * 1000 / args.steps
+
+        def timed(graphs: bool) -> tuple[Trainer, float, float]:
+            trainer = Trainer(settings, images, labels, norm, channels_last=True, mixed=True, compile=False, epochs=1,
+                              graphs=graphs)
+            warmup = trainer.epoch(0, warmup_steps * batch_size)  # cuDNN's search; a graph's capture
+            started = time.perf_counter()
+            trainer.epoch(1, args.steps * batch_size)  # its loss read at the end waits for the GPU
+            return trainer, (time.perf_counter() - started) * 1000 / args.steps, warmup.loss
+
+        trainer, step_ms, warmup_loss = timed(graphs=False)
         with torch.profiler.profile(activities=activities) as profiler:
             trainer.epoch(2, args.profiled_steps * batch_size)
         operators = profiler.key_averages()
@@ -363,10 +382,18 @@ def profile_steps(args) -> None:
         row = {"batch_size": batch_size, "img_per_s": batch_size * 1000 / step_ms, "step_ms": step_ms,
                "gpu_busy_ms": busy_ms if device.type == "cuda" else None,
                "kernels_per_step": kernels / args.profiled_steps if device.type == "cuda" else None}
-        report["batches"].append(row)
         busy = (f"; GPU busy {busy_ms:.1f} ms of it ({busy_ms / step_ms:.0%}), {row['kernels_per_step']:,.0f} kernels"
                 if device.type == "cuda" else "")
         print(f"batch {batch_size:5}: {row['img_per_s']:9,.0f} img/s, {step_ms:.1f} ms a step{busy}", flush=True)
+        if args.cuda_graphs:
+            # The same weights, data and schedule: the warm-up epochs' losses should agree.
+            _, graphed_ms, graphed_loss = timed(graphs=True)
+            row.update(graphed_img_per_s=batch_size * 1000 / graphed_ms, graphed_step_ms=graphed_ms,
+                       warmup_loss=warmup_loss, graphed_warmup_loss=graphed_loss)
+            print(f"batch {batch_size:5}, CUDA graph: {row['graphed_img_per_s']:9,.0f} img/s, {graphed_ms:.1f} ms a "
+                  f"step ({step_ms / graphed_ms:.2f}x eager); warm-up loss {graphed_loss:.4f} against eager's "
+                  f"{warmup_loss:.4f}", flush=True)
+        report["batches"].append(row)
         sort_keys = (["self_device_time_total"] if device.type == "cuda" else []) + ["self_cpu_time_total"]
         tables += [f"## batch {batch_size}, by {key}\n{operators.table(sort_by=key, row_limit=args.rows)}"
                    for key in sort_keys]
@@ -380,6 +407,8 @@ def run_recipe(args) -> None:
     manifest, train, test = load_recipe_pack(args.data)
     recipe, device = manifest["recipe"], args.device
     settings = recipe["train"]
+    if settings["cuda_graphs"] and device.type != "cuda":
+        raise SystemExit(f"error: the recipe sets train.cuda_graphs, which needs a CUDA device, not {device}")
     epochs = args.epochs or settings["epochs"]
     norm = Normalization(tuple(manifest["mean"]), tuple(manifest["std"]))
     if device.type == "cuda":
@@ -395,16 +424,18 @@ def run_recipe(args) -> None:
     dtype = autocast_dtype(device, settings["mixed_precision"])
     scaler = grad_scaler(device, dtype)
     runner = torch.compile(model) if settings["compile"] else model
+    graphs = settings["cuda_graphs"]
     scoring = recipe["evaluate"]
     calibration = None
     if args.minutes:
-        runners = {"eager": model, **({"compiled": runner} if settings["compile"] else {})}
+        runners = {"eager": model, **({"compiled": runner} if settings["compile"] else {}),
+                   **({"CUDA graph": model} if graphs else {})}
         calibration = {}
         for name, candidate in runners.items():
             try:
                 rate, warmup = step_rate(candidate, model, images, labels, norm, settings, device, dtype,
-                                         args.calibration_steps)
-            except Exception as error:  # a compiler's failure should cost its rate, not the device call
+                                         args.calibration_steps, graphs=name == "CUDA graph")
+            except Exception as error:  # a compiler's or a capture's failure should cost its rate, not the call
                 if name == "eager":
                     raise
                 calibration[name] = {"error": f"{type(error).__name__}: {error}"[:2000]}
@@ -415,7 +446,7 @@ def run_recipe(args) -> None:
                   flush=True)
         chosen = max((name for name in calibration if "img_per_s" in calibration[name]),
                      key=lambda name: calibration[name]["img_per_s"])
-        runner = runners[chosen]
+        runner, graphs = runners[chosen], chosen == "CUDA graph"
         views = (1 + scoring["flip_tta"]) * (1 + 2 * scoring["translate_tta"])
         fitting = epochs_within(args.minutes, time.perf_counter() - started, calibration[chosen]["img_per_s"],
                                 len(labels), settings["batch_size"], views * len(test))
@@ -428,8 +459,11 @@ def run_recipe(args) -> None:
         print(f"training {chosen}: {epochs} epochs fit in {args.minutes} minutes (the recipe has "
               f"{settings['epochs']}, at most {fitting} fit)", flush=True)
     steps = len(labels) // settings["batch_size"]
-    optimizer, scheduler = optimizer_and_scheduler(model, settings["optimizer"], settings["schedule"], epochs, steps)
+    optimizer, scheduler = optimizer_and_scheduler(model, settings["optimizer"], settings["schedule"], epochs, steps,
+                                                   capturable=graphs)
     average = weight_average(model, settings["ema_decay"])
+    graphed = (GraphedStep(model, optimizer, label_smoothing=settings["label_smoothing"], autocast_dtype=dtype)
+               if graphs else None)
     curve = []
     resizing = settings["progressive_resizing"]
     for epoch in range(epochs):
@@ -439,7 +473,7 @@ def run_recipe(args) -> None:
                              seed=settings["seed"], epoch=epoch, label_smoothing=settings["label_smoothing"],
                              device=device, channels_last=settings["channels_last"], autocast_dtype=dtype,
                              scaler=scaler, average=average, alternating_flip=settings["alternating_flip"],
-                             image_size=image_size)
+                             image_size=image_size, graphed=graphed)
         minutes = (time.perf_counter() - started) / 60
         curve.append({"epoch": epoch + 1, "train_loss": result.loss, "train_accuracy": result.accuracy,
                       "images_per_second": result.images_per_second, "minutes": minutes})
@@ -495,6 +529,8 @@ def main(argv: list[str] | None = None) -> None:
     profiling.add_argument("--warmup-steps", type=int, default=3)
     profiling.add_argument("--profiled-steps", type=int, default=3)
     profiling.add_argument("--rows", type=int, default=12, help="operators in each table")
+    profiling.add_argument("--cuda-graphs", action="store_true",
+                           help="also time the step captured in a CUDA graph (resattn.training.GraphedStep)")
     recipe_packing = commands.add_parser("pack-recipe", help="a profile's recipe and all of CIFAR-10, in parts")
     recipe_packing.add_argument("--profile", required=True, help="conf/profile/<name>.yaml, e.g. a92-gpu")
     recipe_packing.add_argument("-S", "--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",

@@ -148,6 +148,8 @@ class TrainConfig(Section):
                                    "bf16; fp32 on CPUs without it (resattn.training.autocast_dtype)")
     channels_last: bool = False
     compile: bool = Field(False, description="torch.compile the model (minutes of compiling first)")
+    cuda_graphs: bool = Field(False, description="capture the whole training step in a CUDA graph and replay it: one "
+                                                 "launch a step instead of thousands (one GPU worker, sgd, no compile)")
     sync_batchnorm: bool = Field(False, description="batch norm statistics over all workers' shares (GPUs only)")
     eval_batch_size: int = Field(500, ge=1)
     validate_every: int = Field(1, ge=1, description="validate after every n-th epoch and after the last; sweep "
@@ -194,6 +196,13 @@ class TrainConfig(Section):
                              f"would share a GPU, which NCCL refuses (a share is for sweep trials of one worker)")
         if self.sync_batchnorm and not self.use_gpu:
             raise ValueError("sync_batchnorm needs use_gpu: true (torch synchronises batch norm on GPUs only)")
+        if self.cuda_graphs:
+            needs = [need for need, met in (("use_gpu: true", self.use_gpu), ("num_workers 1", most == 1),
+                                            ("compile: false", not self.compile),
+                                            ("optimizer.name sgd", self.optimizer.name == "sgd")) if not met]
+            if needs:
+                raise ValueError(f"cuda_graphs needs {', '.join(needs)}: the graph holds one GPU's whole step, "
+                                 f"with a fused SGD whose learning rate lives on the GPU")
         if self.schedule.name == "step" and self.schedule.milestones[-1] >= self.epochs:
             raise ValueError(f"the last milestone {self.schedule.milestones[-1]} is not before epoch {self.epochs}")
         if self.schedule.warmup_epochs >= self.epochs:

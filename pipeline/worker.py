@@ -26,6 +26,7 @@ from pipeline.tracking import start_system_metrics, stop_system_metrics, tag_run
 from resattn.cifar10 import Split
 from resattn.data import progressive_image_size, to_tensor_nchw
 from resattn.training import (
+    GraphedStep,
     NonFiniteLossError,
     autocast_dtype,
     evaluate,
@@ -120,7 +121,8 @@ def train_loop_per_worker(config: dict) -> None:
     if steps_per_epoch == 0:
         raise ValueError(f"{len(train_labels)} training images make no batch of {train_cfg.batch_size}")
     optimizer, scheduler = optimizer_and_scheduler(model, train_cfg.optimizer.model_dump(),
-                                                   train_cfg.schedule.model_dump(), train_cfg.epochs, steps_per_epoch)
+                                                   train_cfg.schedule.model_dump(), train_cfg.epochs, steps_per_epoch,
+                                                   capturable=train_cfg.cuda_graphs)
     average = weight_average(model, train_cfg.ema_decay)
 
     start_epoch, history = 0, []
@@ -132,6 +134,9 @@ def train_loop_per_worker(config: dict) -> None:
         start_epoch, history = restore_training_state(state, model, optimizer, scheduler, scaler, average)
         if rank == 0:
             print(f"resuming from the checkpoint of epoch {start_epoch}", flush=True)
+    # After any restore: the graphs hold the model's and optimizer's tensors where they are now.
+    graphed = (GraphedStep(model, optimizer, label_smoothing=train_cfg.label_smoothing, autocast_dtype=precision)
+               if train_cfg.cuda_graphs else None)
 
     total_images = steps_per_epoch * per_worker_batch * world_size
     nodes = worker_nodes()
@@ -155,7 +160,7 @@ def train_loop_per_worker(config: dict) -> None:
                     last_print[0] = time.monotonic()
                     print(f"  epoch {epoch + 1}: {done * world_size:,}/{total_images:,} images", flush=True)
 
-            lr = optimizer.param_groups[0]["lr"]
+            lr = float(optimizer.param_groups[0]["lr"])  # a tensor on the GPU with cuda_graphs
             resizing = train_cfg.progressive_resizing
             image_size = progressive_image_size(epoch, train_cfg.epochs, train_images.shape[-1], resizing.start_size,
                                                 resizing.full_size_at)
@@ -166,6 +171,7 @@ def train_loop_per_worker(config: dict) -> None:
                     label_smoothing=train_cfg.label_smoothing, device=device, channels_last=train_cfg.channels_last,
                     autocast_dtype=precision, scaler=scaler, average=average,
                     alternating_flip=train_cfg.alternating_flip, image_size=image_size, progress=progress,
+                    graphed=graphed,
                 )
             except NonFiniteLossError as error:
                 report_divergence(str(error), epoch, rank, history)

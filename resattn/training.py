@@ -52,8 +52,20 @@ def build_optimizer(
     weight_decay: float = 0.0,
     decay_norm_and_bias: bool = True,
     norm_and_bias_lr_multiplier: float = 1.0,
+    capturable: bool = False,
 ) -> torch.optim.Optimizer:
+    """`capturable`: an SGD whose step a CUDA graph can hold (`GraphedStep`): fused, with each
+    group's learning rate in a tensor on the parameters' device, which the scheduler fills
+    every step, where a float would be frozen into the graph."""
     groups = parameter_groups(model, lr, weight_decay, decay_norm_and_bias, norm_and_bias_lr_multiplier)
+    if capturable:
+        if name != "sgd":
+            raise ValueError(f"a CUDA-graphed step supports the sgd optimizer only, not {name!r}")
+        device = next(model.parameters()).device
+        for group in groups:
+            group["lr"] = torch.tensor(group["lr"], dtype=torch.float32, device=device)
+        return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=momentum, nesterov=nesterov and momentum > 0,
+                               fused=True)
     # foreach: one kernel per parameter group instead of one per tensor (hundreds here).
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0, foreach=True)
@@ -126,12 +138,13 @@ def build_scheduler(optimizer: torch.optim.Optimizer, **factor_kwargs) -> torch.
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, **factor_kwargs))
 
 
-def optimizer_and_scheduler(model: nn.Module, optimizer: dict, schedule: dict, epochs: int, steps_per_epoch: int
+def optimizer_and_scheduler(model: nn.Module, optimizer: dict, schedule: dict, epochs: int, steps_per_epoch: int,
+                            *, capturable: bool = False
                             ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """The optimizer and per-step schedule of a recipe's `train.optimizer` and `train.schedule`
     sections (as params.yaml spells them), its epochs turned into optimizer steps."""
     settings = dict(optimizer)
-    built = build_optimizer(model, settings.pop("name"), settings.pop("lr"), **settings)
+    built = build_optimizer(model, settings.pop("name"), settings.pop("lr"), capturable=capturable, **settings)
     scheduler = build_scheduler(
         built,
         total_steps=steps_per_epoch * epochs,
@@ -219,6 +232,74 @@ def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.Gr
     return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
+class GraphedStep:
+    """The training step (forward, loss, backward, optimizer step) captured in a CUDA graph per
+    input shape and replayed: one launch a step instead of one per kernel. Attention-92's eager
+    step launches ~3,600 kernels, and on an H200 machine the host issued them slower than the
+    GPU ran them at every batch size up to 1024 (BENCHMARKS.md, "Where a step's time goes").
+
+    For one process on a CUDA device, with the plain model (no DDP, no torch.compile) and an
+    optimizer built with `capturable=True`. A new shape first runs `WARMUP_STEPS` real steps
+    eagerly on a side stream (cuDNN's algorithm search, the optimizer's momentum buffers), as
+    torch's whole-network capture requires, then is captured; the step that captures it is
+    replayed at once, so every call trains on its batch exactly once. Restore checkpoints into
+    the model and optimizer before the first call: a graph holds their tensors' addresses.
+    """
+
+    WARMUP_STEPS = 3
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, label_smoothing: float = 0.0,
+                 autocast_dtype: torch.dtype | None = None):
+        device = next(model.parameters()).device
+        if device.type != "cuda":
+            raise ValueError(f"a CUDA-graphed step needs the model on a CUDA device, not {device}")
+        if unwrap(model) is not model:
+            raise ValueError("a CUDA-graphed step takes the plain model, not a DDP or compiled wrapper")
+        if not all(isinstance(group["lr"], torch.Tensor) for group in optimizer.param_groups):
+            raise ValueError("a CUDA-graphed step needs an optimizer built with capturable=True")
+        if autocast_dtype == torch.float16:
+            raise ValueError("a CUDA-graphed step trains in bf16 or fp32: fp16's loss scaling reads the GPU every step")
+        self.model, self.optimizer = model, optimizer
+        self.label_smoothing, self.autocast_dtype = label_smoothing, autocast_dtype
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.eager_steps: dict[tuple, int] = {}
+        self.side_stream = torch.cuda.Stream(device)
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # No cast cache: casts cached while capturing would be replayed from stale weights (torch's
+        # CUDA graphs notes); each weight is cast once a step here anyway.
+        with torch.autocast("cuda", dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None,
+                            cache_enabled=False):
+            logits = self.model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        loss.backward()
+        self.optimizer.step()
+        return logits, loss
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One training step on (x, y): the logits and the loss, detached."""
+        shape = (tuple(x.shape), tuple(x.stride()), x.dtype)
+        if shape not in self.graphs:
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.eager_steps.get(shape, 0) < self.WARMUP_STEPS:
+                self.eager_steps[shape] = self.eager_steps.get(shape, 0) + 1
+                self.side_stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(self.side_stream):
+                    logits, loss = self._step(x, y)
+                torch.cuda.current_stream().wait_stream(self.side_stream)
+                return logits.detach(), loss.detach()
+            static_x, static_y = x.clone(), y.clone()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                logits, loss = self._step(static_x, static_y)
+            self.graphs[shape] = (graph, static_x, static_y, logits.detach(), loss.detach())
+        graph, static_x, static_y, logits, loss = self.graphs[shape]
+        static_x.copy_(x)
+        static_y.copy_(y)
+        graph.replay()
+        return logits, loss
+
+
 def train_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -242,6 +323,7 @@ def train_epoch(
     image_size: int | None = None,
     check_loss_each_step: bool | None = None,
     progress: Callable[[int], None] | None = None,
+    graphed: GraphedStep | None = None,
 ) -> EpochResult:
     """One pass over this worker's shard: augment, forward, backward, step, per batch.
 
@@ -256,6 +338,8 @@ def train_epoch(
     `image_size`, if given, scales every augmented batch to that side (progressive resizing:
     `resattn.data.progressive_image_size`).
     `progress`, if given, is called after every batch with this worker's images so far.
+    `graphed`, if given (a `GraphedStep` over `model` and `optimizer`), runs each step as a
+    replayed CUDA graph; the loss is then checked at the end of the epoch.
 
     Raises NonFiniteLossError, on every worker at the same step, when the loss stops being
     finite: with `check_loss_each_step` (the default for images on a CPU, where the check costs
@@ -284,22 +368,26 @@ def train_epoch(
             x = resize_images(x, image_size)
         x = x.contiguous(memory_format=memory_format)
         y = labels[index].to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
-        if not check_loss_each_step:
+        if graphed is not None:  # the whole step at once: its loss can only be judged after the update
+            logits, loss = graphed(x, y)
+        else:
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                logits = model(x)
+                loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+        if not check_loss_each_step or graphed is not None:
             bad = ~torch.isfinite(loss.detach())
             first_bad_step = torch.where(bad, first_bad_step.clamp(max=step), first_bad_step)
         elif (value := _non_finite(loss)) is not None:
             raise NonFiniteLossError(value, epoch, step, len(batches))
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None and scaler.is_enabled():
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        if graphed is None:
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None and scaler.is_enabled():
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
         scheduler.step()
         if average is not None:
             average.update_parameters(plain_model)
@@ -309,7 +397,7 @@ def train_epoch(
         count += len(y)
         if progress is not None:
             progress(count)
-    if not check_loss_each_step:
+    if not check_loss_each_step or graphed is not None:
         if _distributed():
             dist.all_reduce(first_bad_step, op=dist.ReduceOp.MIN)
         if (step := int(first_bad_step.item())) < len(batches):
@@ -431,7 +519,11 @@ def restore_training_state(state: dict, model: nn.Module, optimizer: torch.optim
                            average: AveragedModel | None = None) -> tuple[int, list[dict]]:
     """Load a `training_state` into the objects; returns (the epoch to start at, the history)."""
     unwrap(model).load_state_dict(state["model"])
+    device_lrs = [group["lr"] for group in optimizer.param_groups]  # tensors where the optimizer is capturable
     optimizer.load_state_dict(state["optimizer"])
+    for group, device_lr in zip(optimizer.param_groups, device_lrs):
+        if isinstance(device_lr, torch.Tensor):  # the loaded value, kept on the parameters' device
+            group["lr"] = device_lr.copy_(torch.as_tensor(group["lr"]))
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and "grad_scaler" in state:
         scaler.load_state_dict(state["grad_scaler"])

@@ -133,6 +133,13 @@ def test_a_recipe_given_minutes_measures_its_step_first_and_trains_the_epochs_th
     assert too_short.returncode == 1 and "--minutes 0.0001 fits no epoch" in too_short.stderr
     assert "give more minutes" in too_short.stderr and "epoch 1/" not in too_short.stdout
 
+    graphed_pack = tmp_path / "graphed"
+    assert check("pack-recipe", "--profile", "quick-cpu", "--prepared", str(prepared), "--out", str(graphed_pack),
+                 "-S", "model.preset=attention56_tiny", "-S", "train.batch_size=16", "-S", "train.num_workers=1",
+                 "-S", "train.use_gpu=true", "-S", "train.cuda_graphs=true").returncode == 0
+    graphs_here = check("recipe", "--data", str(graphed_pack), "--device", "cpu")
+    assert graphs_here.returncode == 1 and "sets train.cuda_graphs, which needs a CUDA device" in graphs_here.stderr
+
 
 def test_the_step_profile_reports_each_batch_sizes_rate_without_any_data(tmp_path, check):
     report_file = tmp_path / "out" / "profile.json"
@@ -145,3 +152,5 @@ def test_the_step_profile_reports_each_batch_sizes_rate_without_any_data(tmp_pat
     assert all(row["img_per_s"] > 0 and row["step_ms"] > 0 for row in report["batches"])
     assert all(row["gpu_busy_ms"] is None and row["kernels_per_step"] is None for row in report["batches"])
     assert "batch     8:" in profiled.stdout and "## batch 16, by self_cpu_time_total" in profiled.stdout
+    graphs_here = check("profile", "--device", "cpu", "--preset", "attention56_tiny", "--cuda-graphs")
+    assert graphs_here.returncode == 1 and "--cuda-graphs needs a CUDA device, not cpu" in graphs_here.stderr

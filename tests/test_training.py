@@ -13,6 +13,7 @@ import resattn.training
 from resattn import create_model
 from resattn.data import Normalization
 from resattn.training import (
+    GraphedStep,
     NonFiniteLossError,
     autocast_dtype,
     build_optimizer,
@@ -136,6 +137,89 @@ def _setup():
     optimizer = build_optimizer(model, "sgd", 0.05)
     scheduler = build_scheduler(optimizer, total_steps=8, schedule="onecycle", warmup_steps=2)
     return model, optimizer, scheduler
+
+
+def _setup_capturable(device: str = "cpu"):
+    """_setup's model, schedule and SGD, its learning rates held in tensors (a CUDA graph's)."""
+    torch.manual_seed(0)
+    model = create_model("attention56_tiny").to(device)
+    optimizer = build_optimizer(model, "sgd", 0.05, capturable=True)
+    scheduler = build_scheduler(optimizer, total_steps=8, schedule="onecycle", warmup_steps=2)
+    return model, optimizer, scheduler
+
+
+def test_a_capturable_sgd_steps_as_the_plain_one_with_rates_the_schedule_writes_in_place():
+    """What a CUDA graph's optimizer step relies on: each group's learning rate stays one tensor,
+    which the schedule overwrites every step, and the fused step updates as the plain one does.
+    The rates are float32 (the CUDA kernel reads them so), 1e-8 off the plain path's doubles:
+    enough to flip a tie in a max-pool later on, so the updates are compared over one step."""
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.arange(64) % 10
+    plain, capturable = _setup(), _setup_capturable()
+    held = [group["lr"] for group in capturable[1].param_groups]
+    assert all(isinstance(rate, torch.Tensor) and rate.dtype == torch.float32 for rate in held)
+    rates = {"plain": [], "capturable": []}
+    plain[1].register_step_pre_hook(lambda optimizer, *_: rates["plain"].append(optimizer.param_groups[1]["lr"]))
+    capturable[1].register_step_pre_hook(lambda optimizer, *_: rates["capturable"].append(float(held[1])))
+
+    one_step = {"batch_size": 16, "seed": 0, "epoch": 0}
+    expected = train_epoch(*plain, images[:16], labels[:16], NORM, **one_step)
+    result = train_epoch(*capturable, images[:16], labels[:16], NORM, **one_step)
+    assert result.loss == expected.loss
+    for a, b in zip(plain[0].parameters(), capturable[0].parameters()):
+        assert torch.allclose(a, b, atol=1e-7)
+    for epoch in range(2):
+        for objects in (plain, capturable):
+            train_epoch(*objects, images, labels, NORM, batch_size=16, seed=0, epoch=epoch)
+    assert all(group["lr"] is rate for group, rate in zip(capturable[1].param_groups, held))
+    assert rates["capturable"] == pytest.approx(rates["plain"], rel=1e-6) and len(rates["plain"]) == 9
+    assert float(held[0]) == pytest.approx(0.05 * lr_factor(9, 8, "onecycle", warmup_steps=2), abs=1e-9)
+
+    state = training_state(*capturable, epoch=1, history=[])
+    resumed = _setup_capturable()
+    kept = [group["lr"] for group in resumed[1].param_groups]
+    restore_training_state(state, *resumed)
+    # The same tensors, now holding the checkpoint's rates: a graph captured after this reads them.
+    assert all(group["lr"] is rate for group, rate in zip(resumed[1].param_groups, kept))
+    assert [float(rate) for rate in kept] == [float(rate) for rate in held]
+
+
+def test_a_cuda_graphed_step_refuses_what_it_cannot_capture():
+    model, optimizer, _ = _setup_capturable()
+    with pytest.raises(ValueError, match="needs the model on a CUDA device, not cpu"):
+        GraphedStep(model, optimizer)
+    with pytest.raises(ValueError, match="supports the sgd optimizer only, not 'adam'"):
+        build_optimizer(model, "adam", 0.1, capturable=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (the device check runs this)")
+def test_each_cuda_graphed_step_updates_as_the_eager_step_from_the_same_state():
+    """Eight steps, each from the eager run's state copied in place into the graphed run's
+    tensors (whose addresses the graph holds): three eager warm-up steps, the capture, replays.
+    Step by step, so that cuDNN's nondeterministic sums cannot flip a max-pool's tie later on."""
+    torch.manual_seed(1)
+    batches = [(torch.randn(16, 3, 32, 32, device="cuda"), torch.randint(0, 10, (16,), device="cuda"))
+               for _ in range(8)]
+    eager, captured = _setup_capturable("cuda"), _setup_capturable("cuda")
+    graphed = GraphedStep(captured[0], captured[1], label_smoothing=0.1)
+    for step, (x, y) in enumerate(batches):
+        with torch.no_grad():
+            for mine, theirs in zip(captured[0].state_dict().values(), eager[0].state_dict().values()):
+                mine.copy_(theirs)
+            for mine, theirs in zip(captured[0].parameters(), eager[0].parameters()):
+                if "momentum_buffer" in eager[1].state[theirs]:
+                    captured[1].state[mine]["momentum_buffer"].copy_(eager[1].state[theirs]["momentum_buffer"])
+        _, loss = graphed(x, y)
+        eager[1].zero_grad(set_to_none=True)
+        expected = torch.nn.functional.cross_entropy(eager[0](x), y, label_smoothing=0.1)
+        expected.backward()
+        eager[1].step()
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-5), step
+        for mine, theirs in zip(captured[0].parameters(), eager[0].parameters()):
+            assert torch.allclose(mine, theirs, atol=1e-5), step
+        eager[2].step()
+        captured[2].step()
+    assert len(graphed.graphs) == 1 and graphed.eager_steps == {next(iter(graphed.graphs)): GraphedStep.WARMUP_STEPS}
 
 
 def test_a_restored_training_state_continues_exactly_as_an_uninterrupted_run():
