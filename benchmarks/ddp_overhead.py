@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import socket
 import statistics
 import time
 
@@ -31,6 +30,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
+from pipeline.cluster import free_port
 from pipeline.worker import DDP_OPTIONS
 from resattn.data import Normalization
 from resattn.training import autocast_dtype, build_optimizer, build_scheduler, precision_name, train_epoch, training_model
@@ -83,12 +83,6 @@ def process(rank: int, args, port: int, results) -> None:
                           flush=True)
     finally:
         dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def main() -> None:

@@ -88,6 +88,10 @@ MODES = {  # name: (channels_last, mixed precision, compile)
 }
 
 
+def name_of(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
+
+
 def pack(prepared: Path, out: Path, train_images: int, test_images: int) -> None:
     train, test = load_split(prepared / "train.npz"), load_split(prepared / "test.npz")
     stats = json.loads((prepared / "stats.json").read_text())
@@ -255,7 +259,7 @@ def run(args) -> None:
         torch.backends.cudnn.benchmark = True  # as the pipeline's workers do
     images = to_tensor_nchw(train.images).to(args.device)
     labels = torch.from_numpy(train.labels).to(args.device)
-    device_name = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else platform.processor() or "CPU"
+    device_name = name_of(args.device)
     report = {"device": device_name, "torch": torch.__version__, "preset": args.preset, "batch_size": args.batch_size,
               "timed_steps": args.steps, "data": f"{len(train)} CIFAR-10 training and {len(test)} test images "
                                                   f"({args.data.name})", "modes": []}
@@ -281,8 +285,9 @@ def run(args) -> None:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
 
 
-# cuDNN's algorithm search, torch.compile's compilation, a CUDA graph's eager warm-up and capture
-CALIBRATION_WARMUP_STEPS = GraphedStep.WARMUP_STEPS + 1
+# Untimed steps before a step is timed: cuDNN's algorithm search, torch.compile's compilation,
+# a CUDA graph's eager warm-up and capture.
+WARMUP_BEFORE_TIMING = GraphedStep.WARMUP_STEPS + 1
 BUDGET_MARGIN = 0.95  # a short measurement flatters: the clocks, the allocator and the host are warm
 
 
@@ -316,7 +321,7 @@ def step_rate(runner: torch.nn.Module, model: torch.nn.Module, images: torch.Ten
 
     started = time.perf_counter()
     try:
-        run_steps(CALIBRATION_WARMUP_STEPS, 0)
+        run_steps(WARMUP_BEFORE_TIMING, 0)
         warmup_seconds = time.perf_counter() - started
         rate = run_steps(steps, 1)
     finally:
@@ -349,13 +354,12 @@ def profile_steps(args) -> None:
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
+    device_name = name_of(device)
     print(f"# {device_name}, torch {torch.__version__}, {args.preset}, eager, {args.steps} timed and "
           f"{args.profiled_steps} profiled steps per batch size", flush=True)
     report = {"device": device_name, "torch": torch.__version__, "preset": args.preset, "batches": []}
     tables = []
-    # A graph is captured at the step after its eager warm-up: inside the warm-up epoch, untimed.
-    warmup_steps = max(args.warmup_steps, GraphedStep.WARMUP_STEPS + 1) if args.cuda_graphs else args.warmup_steps
+    warmup_steps = max(args.warmup_steps, WARMUP_BEFORE_TIMING) if args.cuda_graphs else args.warmup_steps
     for batch_size in args.batch_sizes:
         settings = argparse.Namespace(**{**vars(args), "batch_size": batch_size})
         generator = torch.Generator(device=device).manual_seed(0)
@@ -413,7 +417,7 @@ def run_recipe(args) -> None:
     norm = Normalization(tuple(manifest["mean"]), tuple(manifest["std"]))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as the pipeline's workers do
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
+    device_name = name_of(device)
     print(f"# {device_name}, torch {torch.__version__}: profile {recipe['profile']} ({recipe['preset']}), {epochs} "
           f"epochs on {len(train)} training images, then {len(test)} test images once", flush=True)
     started = time.perf_counter()

@@ -232,6 +232,17 @@ def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.Gr
     return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
+def forward_and_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, label_smoothing: float = 0.0,
+                     autocast_dtype: torch.dtype | None = None, cast_cache: bool = True
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training step's logits and cross-entropy loss, under autocast where `autocast_dtype`
+    is given (`cast_cache`: autocast's cache of cast weights; off inside a CUDA graph)."""
+    with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None,
+                        cache_enabled=cast_cache):
+        logits = model(x)
+        return logits, F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+
+
 class GraphedStep:
     """The training step (forward, loss, backward, optimizer step) captured in a CUDA graph per
     input shape and replayed: one launch a step instead of one per kernel. Attention-92's eager
@@ -268,10 +279,8 @@ class GraphedStep:
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # No cast cache: casts cached while capturing would be replayed from stale weights (torch's
         # CUDA graphs notes); each weight is cast once a step here anyway.
-        with torch.autocast("cuda", dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None,
-                            cache_enabled=False):
-            logits = self.model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        logits, loss = forward_and_loss(self.model, x, y, label_smoothing=self.label_smoothing,
+                                        autocast_dtype=self.autocast_dtype, cast_cache=False)
         loss.backward()
         self.optimizer.step()
         return logits, loss
@@ -371,9 +380,7 @@ def train_epoch(
         if graphed is not None:  # the whole step at once: its loss can only be judged after the update
             logits, loss = graphed(x, y)
         else:
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                logits = model(x)
-                loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+            logits, loss = forward_and_loss(model, x, y, label_smoothing=label_smoothing, autocast_dtype=autocast_dtype)
         if not check_loss_each_step or graphed is not None:
             bad = ~torch.isfinite(loss.detach())
             first_bad_step = torch.where(bad, first_bad_step.clamp(max=step), first_bad_step)
