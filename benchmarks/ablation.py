@@ -12,6 +12,10 @@ project's root: its params.yaml, conf/ and prepared data are the recipe's.
 
 The same command again resumes the sweep where it stopped (finished trials are kept, a running
 one goes on from its last checkpoint), so an ablation longer than one sitting takes several.
+Where the sweep's storage does not outlast a sitting, extend the table instead: a trial's weights
+depend only on its params, its seed and the machine's arithmetic, so the recipe measured once
+need not be trained again beside each later variant (`--without-recipe`; its table then leaves
+the difference from the recipe to the reader).
 Each trial trains on one worker (`tune.workers_per_trial`), as many at once as the cluster fits.
 Test-time augmentation changes no training: `benchmarks/tta_views.py` measures it on a model.
 """
@@ -86,7 +90,8 @@ def summarise(results, variants: dict[str, dict], seeds: list[int]) -> tuple[lis
                      **{f"seed {seed}": score for seed, score in zip(seeds, scores)},
                      "mean": statistics.fmean(done) if done else math.nan,
                      "spread": max(done) - min(done) if len(done) > 1 else math.nan})
-        rows[-1]["vs recipe"] = rows[-1]["mean"] - rows[0]["mean"]  # the recipe's row comes first
+        # The recipe's row comes first, when the sweep trained it.
+        rows[-1]["vs recipe"] = rows[-1]["mean"] - rows[0]["mean"] if "recipe" in variants else math.nan
         rows[-1]["minutes"] = statistics.fmean(times) if times else math.nan
     return rows, curves
 
@@ -131,11 +136,16 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=24, help="each trial's epochs (default: 24)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--without-recipe", action="store_true",
+                        help="train only the variants named, to add them to an ablation whose recipe ran before "
+                             "with the same seeds on the same kind of CPU or GPU")
     parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
                         help="another override of the recipe, as `dvc exp run -S` sets it")
     args = parser.parse_args()
     quiet_libraries()
-    names = ["recipe", *(name for name in args.variants if name != "recipe")]
+    names = [*([] if args.without_recipe else ["recipe"]), *(name for name in args.variants if name != "recipe")]
+    if not names:
+        parser.error("--without-recipe leaves nothing to train: name a variant other than the recipe")
     chosen = {name: VARIANTS[name] for name in names}
     name = sweep_name(args.profile, args.epochs, chosen, args.seeds)
     with failing_in_one_line():
@@ -146,8 +156,8 @@ def main() -> None:
         for variant, changes in chosen.items():  # every variant valid before anything trains
             for seed in args.seeds:
                 parse_params(trial_raw(raw, {**changes, "train.seed": seed}, params.tune), f"variant {variant!r}")
-        print(f"sweep {name}: {len(chosen)} variants x {len(args.seeds)} seeds of profile {args.profile}, "
-              f"{args.epochs} epochs each ({params.model.preset})", flush=True)
+        print(f"sweep {name}: {len(chosen)} variant{'s' * (len(chosen) > 1)} x {len(args.seeds)} seeds of profile "
+              f"{args.profile}, {args.epochs} epochs each ({params.model.preset})", flush=True)
         context = open_sweep(raw, params)
         tuner = build_tuner(trial_trainable(ablation_trial, raw=raw, context=context, variants=chosen), params,
                             context["storage_path"], grid={"variant": names, "seed": args.seeds})

@@ -129,7 +129,8 @@ class TrainConfig(Section):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     ema_decay: float = Field(0.0, ge=0, lt=1, description="0: off; else a moving average of the weights and BN "
                                                           "statistics, updated every step with this decay, is what "
-                                                          "is validated and saved")
+                                                          "is validated and saved (the weights it averages are "
+                                                          "validated too: val_accuracy_unaveraged)")
     alternating_flip: bool = Field(False, description="mirror a fixed half of the images in even epochs and the "
                                                       "other half in odd ones, instead of a coin per image and epoch")
     bn_momentum: float = Field(0.1, gt=0, le=1, description="the weight of each batch in BN's running statistics")

@@ -178,14 +178,19 @@ def train_loop_per_worker(config: dict) -> None:
                 return
             metrics = {"epoch": epoch + 1, "train_loss": result.loss, "train_accuracy": result.accuracy}
             if validates_after(epoch, train_cfg.epochs, train_cfg.validate_every):
-                validated = unwrap(model) if average is None else average.module  # what the model file keeps
-                val = evaluate(
-                    validated, val_images, val_labels, norm, batch_size=train_cfg.eval_batch_size,
-                    device=device, channels_last=train_cfg.channels_last, autocast_dtype=precision,
-                )
-                val_loss, val_correct, val_count = global_sums(
-                    val.loss * len(val_labels), val.accuracy * len(val_labels), len(val_labels), device=device)
-                metrics |= {"val_loss": val_loss / val_count, "val_accuracy": val_correct / val_count}
+                # What the model file keeps; beside a weight average, the weights it averages too, so
+                # that one run shows what the average buys.
+                validated = ({"": unwrap(model)} if average is None
+                             else {"": average.module, "_unaveraged": unwrap(model)})
+                for suffix, module in validated.items():
+                    val = evaluate(
+                        module, val_images, val_labels, norm, batch_size=train_cfg.eval_batch_size,
+                        device=device, channels_last=train_cfg.channels_last, autocast_dtype=precision,
+                    )
+                    val_loss, val_correct, val_count = global_sums(
+                        val.loss * len(val_labels), val.accuracy * len(val_labels), len(val_labels), device=device)
+                    metrics |= {f"val_loss{suffix}": val_loss / val_count,
+                                f"val_accuracy{suffix}": val_correct / val_count}
             metrics |= {
                 "lr": lr,
                 "image_size": image_size,  # the side trained at (progressive resizing), validated at full size
@@ -202,6 +207,8 @@ def train_loop_per_worker(config: dict) -> None:
                 continue
             validation = (f"val loss {metrics['val_loss']:.4f} acc {metrics['val_accuracy']:.4f}" if "val_accuracy"
                           in metrics else f"validated every {train_cfg.validate_every} epochs")
+            if "val_accuracy_unaveraged" in metrics:
+                validation += f" (unaveraged weights {metrics['val_accuracy_unaveraged']:.4f})"
             print(
                 f"epoch {epoch + 1}/{train_cfg.epochs}: train loss {metrics['train_loss']:.4f} "
                 f"acc {metrics['train_accuracy']:.4f} | {validation} | {metrics['images_per_second']:.0f} img/s"

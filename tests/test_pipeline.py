@@ -228,11 +228,14 @@ def test_a_run_with_a_weight_average_validates_and_keeps_the_average(project):
     # The first epoch is not validated: no figure for it anywhere, and a line that says why.
     assert "epoch 1/2: train loss" in result.stdout and "validated every 2 epochs" in result.stdout
     assert ["val_accuracy" in epoch for epoch in state["history"]] == [False, True]
+    # Beside the average, the weights it averages are scored too: what the average buys, in one run.
+    assert 0 <= state["history"][1]["val_accuracy_unaveraged"] <= 1 and "(unaveraged weights " in result.stdout
     with open(project / "reports/train_history.csv") as f:
         assert [row["val_accuracy"] == "nan" for row in csv.DictReader(f)] == [True, False]  # which DVC plots skip
     run_id = json.loads((project / "models/mlflow_run.json").read_text())["run_id"]
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     assert [m.step for m in client.get_metric_history(run_id, "val_accuracy")] == [2]
+    assert [m.step for m in client.get_metric_history(run_id, "val_accuracy_unaveraged")] == [2]
     assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == [1, 2]
     kept = torch.load(project / "models/model.pt", weights_only=True)["model"]
     assert kept.keys() == state["model"].keys()

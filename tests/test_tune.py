@@ -245,3 +245,16 @@ def test_the_ablation_trains_each_variant_and_seed_in_one_sweep_and_tables_accur
     # Each trial trained what its variant changes, and nothing else: the recipe at 32 px, the
     # variant's two epochs on the ramp from 16 px.
     assert trained_sizes == [("0", "0", [32, 32]), ("0", "16", [16, 24]), ("1", "0", [32, 32]), ("1", "16", [16, 24])]
+
+    # A later sitting adds a variant without training the recipe again: the same seeds on the same
+    # machine train the same weights, so its rows join the first table.
+    result = subprocess.run([*ablation, "--without-recipe"], cwd=project, env=stage_env(), capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    later = re.search(r"^sweep (ablation-quick-cpu-2ep-\w+): 1 variant x 2 seeds", result.stdout, re.M).group(1)
+    assert later != name
+    with open(project / "reports/ablation" / later / "table.csv") as table:
+        (row,) = csv.DictReader(table)
+    assert row["variant"] == "progressive-resizing" and row["vs recipe"] == "nan"
+    first = rows["progressive-resizing"]
+    assert [row["seed 0"], row["seed 1"]] == [first["seed 0"], first["seed 1"]]
