@@ -59,6 +59,9 @@ VARIANTS = {
     "progressive-resizing": {"train.progressive_resizing.start_size": 16},  # faster epochs, at 16-28 px
 }
 
+# A weight average's trials also score the weights it averages (pipeline/worker.py).
+UNAVERAGED = f"{METRIC}_unaveraged"
+
 
 def ablation_trial(config: dict, *, raw: dict, context: dict, variants: dict) -> None:
     run_trial({**variants[config["variant"]], "train.seed": config["seed"]}, raw=raw, context=context)
@@ -72,15 +75,18 @@ def sweep_name(profile: str, epochs: int, variants: dict, seeds: list[int]) -> s
 
 def summarise(results, variants: dict[str, dict], seeds: list[int]) -> tuple[list[dict], dict[tuple, list[float]]]:
     """One row per variant (each seed's final validation accuracy, mean, spread, difference from
-    the recipe's mean, mean minutes of training and validation), and each trial's validation
-    curve by (variant, seed)."""
-    curves, minutes = {}, {}  # by (variant, seed), for the trials that finished
+    the recipe's mean, mean minutes of training and validation, and, when a variant keeps a weight
+    average, each seed's score of the weights it averaged), and each trial's validation curve by
+    (variant, seed)."""
+    curves, minutes, unaveraged = {}, {}, {}  # by (variant, seed), for the trials that finished
     for result in results:
         key = (result.config["variant"], result.config["seed"])
         history = result.metrics_dataframe
         if result.error is None and history is not None and METRIC in history:
             curves[key] = history[METRIC].tolist()
             minutes[key] = history["training_minutes"].iloc[-1]
+            if UNAVERAGED in history:
+                unaveraged[key] = history[UNAVERAGED].iloc[-1]
     rows = []
     for name, changes in variants.items():
         scores = [curves[name, seed][-1] if (name, seed) in curves else math.nan for seed in seeds]
@@ -93,6 +99,8 @@ def summarise(results, variants: dict[str, dict], seeds: list[int]) -> tuple[lis
         # The recipe's row comes first, when the sweep trained it.
         rows[-1]["vs recipe"] = rows[-1]["mean"] - rows[0]["mean"] if "recipe" in variants else math.nan
         rows[-1]["minutes"] = statistics.fmean(times) if times else math.nan
+        if unaveraged:  # the weights under an average train as the recipe's: the same scores, seed by seed
+            rows[-1] |= {f"unaveraged seed {seed}": unaveraged.get((name, seed), math.nan) for seed in seeds}
     return rows, curves
 
 

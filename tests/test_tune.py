@@ -218,19 +218,23 @@ def test_the_reproduce_line_composes_the_trial_params_under_any_profile(sweep_as
 def test_the_ablation_trains_each_variant_and_seed_in_one_sweep_and_tables_accuracy_and_minutes(project):
     run(["dvc", "repro", "preprocess"], project)  # as the benchmark's docstring says, then the benchmark
     ablation = [sys.executable, str(ROOT / "benchmarks" / "ablation.py"), "--profile", "quick-cpu", "--epochs", "2",
-                "--seeds", "0", "1", "--variants", "progressive-resizing"]
+                "--seeds", "0", "1", "--variants", "progressive-resizing", "weight-average"]
     result = subprocess.run(ablation, cwd=project, env=stage_env(), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    name = re.search(r"^sweep (ablation-quick-cpu-2ep-\w+): 2 variants x 2 seeds", result.stdout, re.M).group(1)
+    name = re.search(r"^sweep (ablation-quick-cpu-2ep-\w+): 3 variants x 2 seeds", result.stdout, re.M).group(1)
     assert "| progressive-resizing | train.progressive_resizing.start_size=16 |" in result.stdout
     with open(project / "reports/ablation" / name / "table.csv") as table:
         rows = {row["variant"]: row for row in csv.DictReader(table)}
-    assert list(rows) == ["recipe", "progressive-resizing"]
+    assert list(rows) == ["recipe", "progressive-resizing", "weight-average"]
     for row in rows.values():
         assert all(0 <= float(row[column]) <= 1 for column in ("seed 0", "seed 1", "mean"))
         assert float(row["spread"]) == abs(float(row["seed 0"]) - float(row["seed 1"]))
         assert float(row["minutes"]) > 0
     assert float(rows["recipe"]["vs recipe"]) == 0
+    # Under the average, the weights trained exactly as the recipe's: the same scores, seed by seed.
+    assert [rows["weight-average"][f"unaveraged seed {seed}"] for seed in (0, 1)] == [rows["recipe"]["seed 0"],
+                                                                                     rows["recipe"]["seed 1"]]
+    assert rows["recipe"]["unaveraged seed 0"] == "nan"
 
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     experiment_id = client.get_experiment_by_name("resattn-cifar10").experiment_id
@@ -242,13 +246,14 @@ def test_the_ablation_trains_each_variant_and_seed_in_one_sweep_and_tables_accur
     trained_sizes = sorted(
         (child.data.params["searched.train.seed"], child.data.params["train.progressive_resizing.start_size"],
          [m.value for m in client.get_metric_history(child.info.run_id, "image_size")]) for child in children)
-    # Each trial trained what its variant changes, and nothing else: the recipe at 32 px, the
-    # variant's two epochs on the ramp from 16 px.
-    assert trained_sizes == [("0", "0", [32, 32]), ("0", "16", [16, 24]), ("1", "0", [32, 32]), ("1", "16", [16, 24])]
+    # Each trial trained what its variant changes, and nothing else: the recipe and the weight
+    # average at 32 px, progressive resizing's two epochs on the ramp from 16 px.
+    assert trained_sizes == [("0", "0", [32, 32]), ("0", "0", [32, 32]), ("0", "16", [16, 24]),
+                             ("1", "0", [32, 32]), ("1", "0", [32, 32]), ("1", "16", [16, 24])]
 
     # A later sitting adds a variant without training the recipe again: the same seeds on the same
     # machine train the same weights, so its rows join the first table.
-    result = subprocess.run([*ablation, "--without-recipe"], cwd=project, env=stage_env(), capture_output=True,
+    result = subprocess.run([*ablation[:-1], "--without-recipe"], cwd=project, env=stage_env(), capture_output=True,
                             text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     later = re.search(r"^sweep (ablation-quick-cpu-2ep-\w+): 1 variant x 2 seeds", result.stdout, re.M).group(1)
