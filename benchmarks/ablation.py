@@ -44,6 +44,7 @@ from pipeline.config import DEFAULT_PARAMS, parse_params, resolve
 from pipeline.ray_hooks import quiet_libraries
 from pipeline.search import METRIC, build_tuner, trial_raw
 from pipeline.tune import open_sweep, run_trial, trial_trainable
+from pipeline.worker import UNAVERAGED_SUFFIX
 from resattn.data import write_csv, write_text
 
 # name -> the params it changes on top of the recipe (dotted keys, as `dvc exp run -S` sets them)
@@ -59,8 +60,7 @@ VARIANTS = {
     "progressive-resizing": {"train.progressive_resizing.start_size": 16},  # faster epochs, at 16-28 px
 }
 
-# A weight average's trials also score the weights it averages (pipeline/worker.py).
-UNAVERAGED = f"{METRIC}_unaveraged"
+UNAVERAGED = f"{METRIC}{UNAVERAGED_SUFFIX}"  # a weight average's trials score the weights it averages too
 
 
 def ablation_trial(config: dict, *, raw: dict, context: dict, variants: dict) -> None:

@@ -49,6 +49,9 @@ PROGRESS_SECONDS = 20.0
 # step on 2 one-thread CPU workers (median of 6 interleaved rounds, 5 of them faster; within
 # the noise of a 3-round run: benchmarks/ddp_overhead.py, BENCHMARKS.md).
 DDP_OPTIONS = {"gradient_as_bucket_view": True}
+# Beside a weight average, validation also scores the weights it averages, under these names
+# (val_accuracy_unaveraged, val_loss_unaveraged): what the average buys, in one run.
+UNAVERAGED_SUFFIX = "_unaveraged"
 
 
 def use_reserved_cpus() -> int:
@@ -178,10 +181,9 @@ def train_loop_per_worker(config: dict) -> None:
                 return
             metrics = {"epoch": epoch + 1, "train_loss": result.loss, "train_accuracy": result.accuracy}
             if validates_after(epoch, train_cfg.epochs, train_cfg.validate_every):
-                # What the model file keeps; beside a weight average, the weights it averages too, so
-                # that one run shows what the average buys.
+                # What the model file keeps; beside a weight average, the weights it averages too.
                 validated = ({"": unwrap(model)} if average is None
-                             else {"": average.module, "_unaveraged": unwrap(model)})
+                             else {"": average.module, UNAVERAGED_SUFFIX: unwrap(model)})
                 for suffix, module in validated.items():
                     val = evaluate(
                         module, val_images, val_labels, norm, batch_size=train_cfg.eval_batch_size,
@@ -207,8 +209,8 @@ def train_loop_per_worker(config: dict) -> None:
                 continue
             validation = (f"val loss {metrics['val_loss']:.4f} acc {metrics['val_accuracy']:.4f}" if "val_accuracy"
                           in metrics else f"validated every {train_cfg.validate_every} epochs")
-            if "val_accuracy_unaveraged" in metrics:
-                validation += f" (unaveraged weights {metrics['val_accuracy_unaveraged']:.4f})"
+            if f"val_accuracy{UNAVERAGED_SUFFIX}" in metrics:
+                validation += f" (unaveraged weights {metrics[f'val_accuracy{UNAVERAGED_SUFFIX}']:.4f})"
             print(
                 f"epoch {epoch + 1}/{train_cfg.epochs}: train loss {metrics['train_loss']:.4f} "
                 f"acc {metrics['train_accuracy']:.4f} | {validation} | {metrics['images_per_second']:.0f} img/s"
