@@ -14,8 +14,13 @@ The same command again resumes the sweep where it stopped (finished trials are k
 one goes on from its last checkpoint), so an ablation longer than one sitting takes several.
 Where the sweep's storage does not outlast a sitting, extend the table instead: a trial's weights
 depend only on its params, its seed and the machine's arithmetic, so the recipe measured once
-need not be trained again beside each later variant (`--without-recipe`; its table then leaves
-the difference from the recipe to the reader).
+need not be trained again beside each later variant (`--without-recipe`). Each sitting writes its
+trials' validation curves (`curves.csv`); `--combine` makes one table and one plot of several
+sittings' files, without training:
+
+    .venv/bin/python benchmarks/ablation.py --combine benchmarks/ablation_fast_24ep/*.csv \
+        --out benchmarks/ablation_fast_24ep
+
 Each trial trains on one worker (`tune.workers_per_trial`), as many at once as the cluster fits.
 Test-time augmentation changes no training: `benchmarks/tta_views.py` measures it on a model.
 """
@@ -23,6 +28,7 @@ Test-time augmentation changes no training: `benchmarks/tta_views.py` measures i
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
 import json
 import math
@@ -73,35 +79,82 @@ def sweep_name(profile: str, epochs: int, variants: dict, seeds: list[int]) -> s
     return f"ablation-{profile}-{epochs}ep-{digest}"
 
 
-def summarise(results, variants: dict[str, dict], seeds: list[int]) -> tuple[list[dict], dict[tuple, list[float]]]:
-    """One row per variant (each seed's final validation accuracy, mean, spread, difference from
-    the recipe's mean, mean minutes of training and validation, and, when a variant keeps a weight
-    average, each seed's score of the weights it averaged), and each trial's validation curve by
-    (variant, seed)."""
-    curves, minutes, unaveraged = {}, {}, {}  # by (variant, seed), for the trials that finished
+def trial_curves(results) -> list[dict]:
+    """Each finished trial's validation after every epoch, and its minutes of training and
+    validation so far: the rows of a sitting's curves.csv."""
+    rows = []
     for result in results:
-        key = (result.config["variant"], result.config["seed"])
         history = result.metrics_dataframe
         if result.error is None and history is not None and METRIC in history:
-            curves[key] = history[METRIC].tolist()
-            minutes[key] = history["training_minutes"].iloc[-1]
-            if UNAVERAGED in history:
-                unaveraged[key] = history[UNAVERAGED].iloc[-1]
-    rows = []
+            for epoch in history.to_dict("records"):
+                rows.append({"variant": result.config["variant"], "seed": result.config["seed"],
+                             "epoch": int(epoch["epoch"]), METRIC: epoch[METRIC],
+                             UNAVERAGED: epoch.get(UNAVERAGED, math.nan),
+                             "training_minutes": epoch["training_minutes"]})
+    return rows
+
+
+def read_curves(paths: list[Path]) -> list[dict]:
+    """The rows of several sittings' curves.csv files; each trial's epochs must come from one file."""
+    rows, source = [], {}
+    for path in paths:
+        try:
+            with open(path) as f:
+                reader = csv.DictReader(f)
+                found = list(reader)
+        except OSError as error:
+            raise SystemExit(f"error: cannot read {path}: {error.strerror}") from None
+        missing = {"variant", "seed", "epoch", METRIC, "training_minutes"} - set(reader.fieldnames or [])
+        if missing or not found:
+            raise SystemExit(f"error: {path} is not an ablation's curves.csv ("
+                             + (f"no {', '.join(sorted(missing))} column" if missing else "no trials")
+                             + "): give the curves.csv files that benchmarks/ablation.py wrote")
+        for row in found:
+            key = (row["variant"], int(row["seed"]), int(row["epoch"]))
+            if key in source:
+                raise SystemExit(f"error: {source[key]} and {path} both hold variant {key[0]!r}, seed {key[1]}: "
+                                 "give each trial's curve once")
+            source[key] = path
+            if row["variant"] not in VARIANTS:
+                raise SystemExit(f"error: {path} holds variant {row['variant']!r}, which this script does not "
+                                 f"define (it knows {', '.join(VARIANTS)})")
+            rows.append({"variant": row["variant"], "seed": key[1], "epoch": key[2], METRIC: float(row[METRIC]),
+                         UNAVERAGED: float(row.get(UNAVERAGED) or "nan"),
+                         "training_minutes": float(row["training_minutes"] or "nan")})
+    return rows
+
+
+def curves_by_trial(rows: list[dict]) -> dict[tuple, list[dict]]:
+    """(variant, seed) -> that trial's rows, epoch by epoch."""
+    trials = {}
+    for row in sorted(rows, key=lambda row: row["epoch"]):
+        trials.setdefault((row["variant"], row["seed"]), []).append(row)
+    return trials
+
+
+def summarise(rows: list[dict], variants: dict[str, dict], seeds: list[int]) -> list[dict]:
+    """One row per variant: each seed's final validation accuracy, mean, spread, difference from
+    the recipe's mean (when the recipe is among them), mean minutes of training and validation,
+    and, when a variant keeps a weight average, each seed's score of the weights it averaged."""
+    final = {trial: epochs[-1] for trial, epochs in curves_by_trial(rows).items()}
+    any_unaveraged = any(not math.isnan(row[UNAVERAGED]) for row in final.values())
+    table = []
     for name, changes in variants.items():
-        scores = [curves[name, seed][-1] if (name, seed) in curves else math.nan for seed in seeds]
+        ends = [final.get((name, seed)) for seed in seeds]
+        scores = [end[METRIC] if end else math.nan for end in ends]
         done = [score for score in scores if not math.isnan(score)]
-        times = [minutes[name, seed] for seed in seeds if (name, seed) in minutes]
-        rows.append({"variant": name, "changes": " ".join(f"{key}={value}" for key, value in changes.items()) or "—",
-                     **{f"seed {seed}": score for seed, score in zip(seeds, scores)},
-                     "mean": statistics.fmean(done) if done else math.nan,
-                     "spread": max(done) - min(done) if len(done) > 1 else math.nan})
-        # The recipe's row comes first, when the sweep trained it.
-        rows[-1]["vs recipe"] = rows[-1]["mean"] - rows[0]["mean"] if "recipe" in variants else math.nan
-        rows[-1]["minutes"] = statistics.fmean(times) if times else math.nan
-        if unaveraged:  # the weights under an average train as the recipe's: the same scores, seed by seed
-            rows[-1] |= {f"unaveraged seed {seed}": unaveraged.get((name, seed), math.nan) for seed in seeds}
-    return rows, curves
+        times = [end["training_minutes"] for end in ends if end and not math.isnan(end["training_minutes"])]
+        table.append({"variant": name, "changes": " ".join(f"{key}={value}" for key, value in changes.items()) or "—",
+                      **{f"seed {seed}": score for seed, score in zip(seeds, scores)},
+                      "mean": statistics.fmean(done) if done else math.nan,
+                      "spread": max(done) - min(done) if len(done) > 1 else math.nan})
+        # The recipe's row comes first, when it is there.
+        table[-1]["vs recipe"] = table[-1]["mean"] - table[0]["mean"] if "recipe" in variants else math.nan
+        table[-1]["minutes"] = statistics.fmean(times) if times else math.nan
+        if any_unaveraged:  # the weights under an average train as the recipe's: the same scores, seed by seed
+            table[-1] |= {f"unaveraged seed {seed}": end[UNAVERAGED] if end else math.nan
+                          for seed, end in zip(seeds, ends)}
+    return table
 
 
 def format_rows(rows: list[dict]) -> str:
@@ -120,14 +173,15 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(curves: dict[tuple, list[float]], names: list[str], seeds: list[int], title: str, path: Path) -> None:
+def plot_curves(rows: list[dict], names: list[str], seeds: list[int], title: str, path: Path) -> None:
     """Validation accuracy per epoch, a colour per variant: solid the first seed, dashed the rest."""
+    trials = curves_by_trial(rows)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for index, name in enumerate(names):
         for seed in seeds:
-            if curve := curves.get((name, seed)):
+            if epochs := trials.get((name, seed)):
                 first = seed == seeds[0]
-                ax.plot(range(1, len(curve) + 1), [100 * value for value in curve], color=f"C{index}",
+                ax.plot([row["epoch"] for row in epochs], [100 * row[METRIC] for row in epochs], color=f"C{index}",
                         linestyle="-" if first else "--", label=name if first else None)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy (%)")
@@ -136,6 +190,28 @@ def plot_curves(curves: dict[tuple, list[float]], names: list[str], seeds: list[
     ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, path, dpi=110)
+
+
+def write_report(rows: list[dict], variants: dict[str, dict], seeds: list[int], title: str, folder: Path) -> list[dict]:
+    """The table (table.md, table.csv) and the curves' plot (curves.png) in `folder`; returns the table's rows."""
+    summary = summarise(rows, variants, seeds)
+    write_text(folder / "table.md", format_rows(summary) + "\n")
+    write_csv(folder / "table.csv", summary)
+    plot_curves(rows, list(variants), seeds, f"{title}: validation accuracy (solid: seed {seeds[0]}, dashed: the others)",
+                folder / "curves.png")
+    return summary
+
+
+def combine(paths: list[Path], folder: Path) -> None:
+    """One table and plot of several sittings' curves.csv files, the recipe's row first."""
+    rows = read_curves(paths)
+    present = {row["variant"] for row in rows}
+    variants = {name: changes for name, changes in VARIANTS.items() if name in present}  # the recipe first
+    seeds = sorted({row["seed"] for row in rows})
+    epochs = max(row["epoch"] for row in rows)
+    summary = write_report(rows, variants, seeds, f"{len(paths)} sittings, {epochs} epochs", folder)
+    print(f"final validation accuracy (%), seeds {', '.join(map(str, seeds))}, from {len(paths)} files; "
+          f"files in {folder}:\n{format_rows(summary)}")
 
 
 def main() -> None:
@@ -149,7 +225,13 @@ def main() -> None:
                              "with the same seeds on the same kind of CPU or GPU")
     parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
                         help="another override of the recipe, as `dvc exp run -S` sets it")
+    parser.add_argument("--combine", nargs="+", type=Path, metavar="CURVES_CSV",
+                        help="train nothing: one table and plot of earlier sittings' curves.csv files")
+    parser.add_argument("--out", type=Path, default=Path("reports/ablation/combined"),
+                        help="with --combine, the folder for its table and plot (default: reports/ablation/combined)")
     args = parser.parse_args()
+    if args.combine:
+        return combine(args.combine, args.out)
     quiet_libraries()
     names = [*([] if args.without_recipe else ["recipe"]), *(name for name in args.variants if name != "recipe")]
     if not names:
@@ -171,21 +253,18 @@ def main() -> None:
                             context["storage_path"], grid={"variant": names, "seed": args.seeds})
         results = tuner.fit()
 
-    rows, curves = summarise(results, chosen, args.seeds)
-    table = format_rows(rows)
+    rows = trial_curves(results)
     reports = Path("reports/ablation") / name
-    write_text(reports / "table.md", table + "\n")
-    write_csv(reports / "table.csv", rows)
-    plot_curves(curves, names, args.seeds, f"profile {args.profile}, {args.epochs} epochs: validation accuracy "
-                f"(solid: seed {args.seeds[0]}, dashed: the others)", reports / "curves.png")
+    write_csv(reports / "curves.csv", rows)
+    summary = write_report(rows, chosen, args.seeds, f"profile {args.profile}, {args.epochs} epochs", reports)
     client = MlflowClient(context["tracking_uri"])
-    for artifact in ("table.md", "table.csv", "curves.png"):
+    for artifact in ("table.md", "table.csv", "curves.csv", "curves.png"):
         client.log_artifact(context["parent_run_id"], str(reports / artifact), "ablation")
-    for row in rows:
+    for row in summary:
         if not math.isnan(row["mean"]):
             client.log_metric(context["parent_run_id"], f"mean_val_accuracy.{row['variant']}", row["mean"])
     print(f"final validation accuracy (%), {len(args.seeds)} seeds; MLflow parent run {context['parent_run_id']}, "
-          f"files in {reports}:\n{table}")
+          f"files in {reports}:\n{format_rows(summary)}")
 
 
 if __name__ == "__main__":

@@ -241,7 +241,7 @@ def test_the_ablation_trains_each_variant_and_seed_in_one_sweep_and_tables_accur
     (parent,) = client.search_runs([experiment_id], f"tags.role = 'sweep' and tags.sweep = '{name}'")
     assert {"mean_val_accuracy.recipe", "mean_val_accuracy.progressive-resizing"} <= set(parent.data.metrics)
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "ablation")} == {
-        "ablation/table.md", "ablation/table.csv", "ablation/curves.png"}
+        "ablation/table.md", "ablation/table.csv", "ablation/curves.csv", "ablation/curves.png"}
     children = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     trained_sizes = sorted(
         (child.data.params["searched.train.seed"], child.data.params["train.progressive_resizing.start_size"],
@@ -263,3 +263,53 @@ def test_the_ablation_trains_each_variant_and_seed_in_one_sweep_and_tables_accur
     assert row["variant"] == "progressive-resizing" and row["vs recipe"] == "nan"
     first = rows["progressive-resizing"]
     assert [row["seed 0"], row["seed 1"]] == [first["seed 0"], first["seed 1"]]
+
+    # The two sittings' curves, each trial once, make the first sitting's table again.
+    with open(project / "reports/ablation" / name / "curves.csv") as curves:
+        earlier = [row for row in csv.DictReader(curves) if row["variant"] != "progressive-resizing"]
+    write_rows(project / "earlier.csv", earlier)
+    combine = [sys.executable, str(ROOT / "benchmarks" / "ablation.py"), "--combine", "earlier.csv",
+               f"reports/ablation/{later}/curves.csv", "--out", "combined"]
+    result = subprocess.run(combine, cwd=project, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(project / "combined" / "table.csv") as table:
+        assert {row["variant"]: row for row in csv.DictReader(table)} == rows
+    assert (project / "combined" / "curves.png").stat().st_size > 0
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_combining_ablation_sittings_tables_each_trial_once_and_names_a_file_that_repeats_one(tmp_path):
+    def trial(variant: str, seed: int, accuracies: list[float], unaveraged: list[float] | None = None) -> list[dict]:
+        return [{"variant": variant, "seed": seed, "epoch": epoch, "val_accuracy": accuracy,
+                 "val_accuracy_unaveraged": unaveraged[epoch - 1] if unaveraged else "",
+                 "training_minutes": 2.0 * epoch} for epoch, accuracy in enumerate(accuracies, 1)]
+
+    write_rows(tmp_path / "recipe.csv", trial("recipe", 0, [0.5, 0.8]) + trial("recipe", 1, [0.4, 0.7]))
+    write_rows(tmp_path / "average.csv", trial("weight-average", 0, [0.55, 0.85], [0.5, 0.8])
+               + trial("weight-average", 1, [0.45, 0.75], [0.4, 0.7]))
+    ablation = [sys.executable, str(ROOT / "benchmarks" / "ablation.py"), "--out", "out", "--combine"]
+    # Listed in any order, the recipe's row comes first and the others are measured against it.
+    result = subprocess.run([*ablation, "average.csv", "recipe.csv"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(tmp_path / "out" / "table.csv") as table:
+        rows = {row["variant"]: {key: float(value) for key, value in row.items() if key not in ("variant", "changes")}
+                for row in csv.DictReader(table)}
+    assert list(rows) == ["recipe", "weight-average"]
+    assert rows["weight-average"] == pytest.approx({
+        "seed 0": 0.85, "seed 1": 0.75, "mean": 0.80, "spread": 0.10, "vs recipe": 0.05, "minutes": 4.0,
+        "unaveraged seed 0": 0.8, "unaveraged seed 1": 0.7})
+    assert "| weight-average | train.ema_decay=0.999 | 85.00 | 75.00 | 80.00 | 10.00 | +5.00 | 4.0 |" in result.stdout
+
+    write_rows(tmp_path / "again.csv", trial("recipe", 1, [0.4, 0.7]))
+    result = subprocess.run([*ablation, "recipe.csv", "average.csv", "again.csv"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.strip() == ("error: recipe.csv and again.csv both hold variant 'recipe', seed 1: "
+                                     "give each trial's curve once")
