@@ -16,9 +16,10 @@ Where the sweep's storage does not outlast a sitting, extend the table instead: 
 depend only on its params, its seed and the machine's arithmetic, so the recipe measured once
 need not be trained again beside each later variant (`--without-recipe`). Each sitting writes its
 trials' validation curves (`curves.csv`); `--combine` makes one table and one plot of several
-sittings' files, without training:
+sittings' files, without training (BENCHMARKS.md's table is made so, from the files kept as
+`curves-<variant>.csv`):
 
-    .venv/bin/python benchmarks/ablation.py --combine benchmarks/ablation_fast_24ep/*.csv \
+    .venv/bin/python benchmarks/ablation.py --combine benchmarks/ablation_fast_24ep/curves-*.csv \
         --out benchmarks/ablation_fast_24ep
 
 Each trial trains on one worker (`tune.workers_per_trial`), as many at once as the cluster fits.

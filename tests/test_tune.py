@@ -25,6 +25,7 @@ from helpers import ROOT, kill_session, run, shipped_params, stage_env
 from pipeline.config import ConfigError, compose, parse_params
 from pipeline.search import (RestorableOptunaSearch, param_space, reproduce_command, sweep_layer, trial_raw,
                              validate_space)
+from resattn.data import write_csv
 
 
 def check(space: dict) -> None:
@@ -264,24 +265,19 @@ def test_the_ablation_trains_each_variant_and_seed_in_one_sweep_and_tables_accur
     first = rows["progressive-resizing"]
     assert [row["seed 0"], row["seed 1"]] == [first["seed 0"], first["seed 1"]]
 
-    # The two sittings' curves, each trial once, make the first sitting's table again.
+    # The two sittings' curves, each trial once, make the first sitting's table again, but for the
+    # minutes progressive resizing took in the later sitting.
     with open(project / "reports/ablation" / name / "curves.csv") as curves:
         earlier = [row for row in csv.DictReader(curves) if row["variant"] != "progressive-resizing"]
-    write_rows(project / "earlier.csv", earlier)
+    write_csv(project / "earlier.csv", earlier)
     combine = [sys.executable, str(ROOT / "benchmarks" / "ablation.py"), "--combine", "earlier.csv",
                f"reports/ablation/{later}/curves.csv", "--out", "combined"]
     result = subprocess.run(combine, cwd=project, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     with open(project / "combined" / "table.csv") as table:
-        assert {row["variant"]: row for row in csv.DictReader(table)} == rows
+        combined = {row["variant"]: row for row in csv.DictReader(table)}
+    assert combined == {**rows, "progressive-resizing": {**first, "minutes": row["minutes"]}}
     assert (project / "combined" / "curves.png").stat().st_size > 0
-
-
-def write_rows(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def test_combining_ablation_sittings_tables_each_trial_once_and_names_a_file_that_repeats_one(tmp_path):
@@ -290,8 +286,8 @@ def test_combining_ablation_sittings_tables_each_trial_once_and_names_a_file_tha
                  "val_accuracy_unaveraged": unaveraged[epoch - 1] if unaveraged else "",
                  "training_minutes": 2.0 * epoch} for epoch, accuracy in enumerate(accuracies, 1)]
 
-    write_rows(tmp_path / "recipe.csv", trial("recipe", 0, [0.5, 0.8]) + trial("recipe", 1, [0.4, 0.7]))
-    write_rows(tmp_path / "average.csv", trial("weight-average", 0, [0.55, 0.85], [0.5, 0.8])
+    write_csv(tmp_path / "recipe.csv", trial("recipe", 0, [0.5, 0.8]) + trial("recipe", 1, [0.4, 0.7]))
+    write_csv(tmp_path / "average.csv", trial("weight-average", 0, [0.55, 0.85], [0.5, 0.8])
                + trial("weight-average", 1, [0.45, 0.75], [0.4, 0.7]))
     ablation = [sys.executable, str(ROOT / "benchmarks" / "ablation.py"), "--out", "out", "--combine"]
     # Listed in any order, the recipe's row comes first and the others are measured against it.
@@ -307,7 +303,7 @@ def test_combining_ablation_sittings_tables_each_trial_once_and_names_a_file_tha
         "unaveraged seed 0": 0.8, "unaveraged seed 1": 0.7})
     assert "| weight-average | train.ema_decay=0.999 | 85.00 | 75.00 | 80.00 | 10.00 | +5.00 | 4.0 |" in result.stdout
 
-    write_rows(tmp_path / "again.csv", trial("recipe", 1, [0.4, 0.7]))
+    write_csv(tmp_path / "again.csv", trial("recipe", 1, [0.4, 0.7]))
     result = subprocess.run([*ablation, "recipe.csv", "average.csv", "again.csv"], cwd=tmp_path, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 1
