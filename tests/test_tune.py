@@ -260,10 +260,10 @@ def test_the_ablation_trains_each_variant_and_seed_in_one_sweep_and_tables_accur
     later = re.search(r"^sweep (ablation-quick-cpu-2ep-\w+): 1 variant x 2 seeds", result.stdout, re.M).group(1)
     assert later != name
     with open(project / "reports/ablation" / later / "table.csv") as table:
-        (row,) = csv.DictReader(table)
-    assert row["variant"] == "progressive-resizing" and row["vs recipe"] == "nan"
+        (added,) = csv.DictReader(table)
+    assert added["variant"] == "progressive-resizing" and added["vs recipe"] == "nan"
     first = rows["progressive-resizing"]
-    assert [row["seed 0"], row["seed 1"]] == [first["seed 0"], first["seed 1"]]
+    assert [added["seed 0"], added["seed 1"]] == [first["seed 0"], first["seed 1"]]
 
     # The two sittings' curves, each trial once, make the first sitting's table again, but for the
     # minutes progressive resizing took in the later sitting.
@@ -276,7 +276,7 @@ def test_the_ablation_trains_each_variant_and_seed_in_one_sweep_and_tables_accur
     assert result.returncode == 0, result.stderr[-3000:]
     with open(project / "combined" / "table.csv") as table:
         combined = {row["variant"]: row for row in csv.DictReader(table)}
-    assert combined == {**rows, "progressive-resizing": {**first, "minutes": row["minutes"]}}
+    assert combined == {**rows, "progressive-resizing": {**first, "minutes": added["minutes"]}}
     assert (project / "combined" / "curves.png").stat().st_size > 0
 
 
@@ -288,7 +288,7 @@ def test_combining_ablation_sittings_tables_each_trial_once_and_names_a_file_tha
 
     write_csv(tmp_path / "recipe.csv", trial("recipe", 0, [0.5, 0.8]) + trial("recipe", 1, [0.4, 0.7]))
     write_csv(tmp_path / "average.csv", trial("weight-average", 0, [0.55, 0.85], [0.5, 0.8])
-               + trial("weight-average", 1, [0.45, 0.75], [0.4, 0.7]))
+              + trial("weight-average", 1, [0.45, 0.75], [0.4, 0.7]))
     ablation = [sys.executable, str(ROOT / "benchmarks" / "ablation.py"), "--out", "out", "--combine"]
     # Listed in any order, the recipe's row comes first and the others are measured against it.
     result = subprocess.run([*ablation, "average.csv", "recipe.csv"], cwd=tmp_path, capture_output=True, text=True,
