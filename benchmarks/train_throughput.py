@@ -12,6 +12,9 @@ against resattn's fast paths. Prints images/s and ratios; record results in BENC
     row is bf16 all the same, marked emulated: it shows why the pipeline trains in fp32 there.
 Every variant runs the same model (same initial weights), optimizer and image count. The data
 path alone (load + augment + normalise) is timed too, since it must never bound training.
+Each rate is also put as a share of the machine's matrix-multiply peak in the arithmetic it
+runs in (a square GEMM of --gemm-size, timed on the same threads): the training FLOPs of one
+image (forward and backward, `resattn.summary.count_training_flops`) times images per second.
 On a CUDA GPU (the default when one is visible, else `--device cpu`) the reference's batches
 are copied to it from pinned memory and ours live on it whole, as in the pipeline.
 """
@@ -30,6 +33,7 @@ import torchvision.transforms as T
 from PIL import Image
 
 from resattn import cifar10, create_model
+from resattn.summary import count_training_flops
 from resattn.data import Normalization, channel_stats, normalize, random_crop_flip, to_tensor_nchw
 from resattn.training import (autocast_dtype, build_optimizer, build_scheduler, grad_scaler, precision_name,
                               train_epoch, training_model)
@@ -97,6 +101,24 @@ def time_ours(preset: str, images, labels, norm, args, *, channels_last: bool, d
     return train_epoch(runner, optimizer, scheduler, images, labels, norm, epoch=1, **kwargs).images_per_second
 
 
+def matmul_peak_flops(dtype: torch.dtype, size: int, device: torch.device, seconds: float = 2.0) -> float:
+    """FLOP/s of back-to-back square matrix products: the most this arithmetic gives here."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    a, b = (torch.randn(size, size, generator=generator, device=device).to(dtype) for _ in range(2))
+    out = torch.empty_like(a)
+    for _ in range(3):  # oneDNN / cuBLAS pick and cache their kernels on the first calls
+        torch.mm(a, b, out=out)
+    synchronize(device)
+    products, started = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - started) < seconds:
+        torch.mm(a, b, out=out)
+        products += 1
+        if products % 8 == 0:  # a GPU queues products asynchronously: bound what runs past the clock
+            synchronize(device)
+    synchronize(device)
+    return 2 * size**3 * products / (time.perf_counter() - started)
+
+
 def data_path_rates(images_nhwc, labels, images_nchw, norm, args) -> tuple[float, float]:
     loader = reference_loader(images_nhwc, labels, norm, 64, args.loader_workers)
     started = time.perf_counter()
@@ -125,6 +147,7 @@ def main() -> None:
                         help="DataLoader workers of the reference (0: in-process; on 2 cores workers steal the model's CPU)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (minutes of compilation on a CPU)")
     parser.add_argument("--device", type=torch.device, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--gemm-size", type=int, default=2048, help="side of the square GEMM that measures the peak")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -143,18 +166,29 @@ def main() -> None:
           f"({our_data / reference_data:.1f}x)")
     trained_in = autocast_dtype(args.device, mixed_precision=True)  # None: the pipeline trains in fp32 here
     mixed = trained_in or torch.bfloat16
+    peaks = {dtype: matmul_peak_flops(dtype, args.gemm_size, args.device) for dtype in (torch.float32, mixed)}
+    print("matrix-multiply peak, " + ", ".join(
+        f"{precision_name(dtype)}: {flops / 1e9:,.0f} GFLOP/s" for dtype, flops in peaks.items())
+        + f" ({args.gemm_size}x{args.gemm_size} GEMM)")
     variants = [("batched aug, fp32", False, None, False), ("+ channels_last", True, None, False),
                 (f"+ {precision_name(mixed)} autocast" + ("" if trained_in else " (emulated)"), True, mixed, False)]
     if args.compile:
         variants.append((f"+ torch.compile, {precision_name(trained_in)}", True, trained_in, True))
     for preset in args.presets:
+        flops_per_image = count_training_flops(create_model(preset))
+
+        def share_of_peak(rate: float, dtype: torch.dtype | None) -> str:
+            flops = rate * flops_per_image
+            return f"{flops / 1e9:6.1f} GFLOP/s = {flops / peaks[dtype or torch.float32]:5.1%} of {precision_name(dtype)} peak"
+
+        print(f"{preset}: {flops_per_image / 1e9:.3f} GFLOP per training image")
         reference = time_reference(preset, images_nhwc, labels_np, norm, args)
-        print(f"{preset}: (a) reference {reference:.1f} img/s")
+        print(f"{preset}: (a) {'reference':<30} {reference:7.1f} img/s  1.00x (a)   {share_of_peak(reference, None)}")
         for name, channels_last, dtype, compile in variants:
             rate = time_ours(preset, images.to(args.device), labels.to(args.device), norm, args,
                              channels_last=channels_last, dtype=dtype, compile=compile)
             print(f"{preset}: (b) {name:<30} {rate:7.1f} img/s  {rate / reference:4.2f}x (a)"
-                  f"   data path / training = {our_data / rate:,.0f}x")
+                  f"   {share_of_peak(rate, dtype)}   data path / training = {our_data / rate:,.0f}x")
 
 
 if __name__ == "__main__":

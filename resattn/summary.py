@@ -2,7 +2,9 @@
 
 MACs count the multiply-accumulates of convolutions and the classifier for one 32x32 image
 (half of what torch's FLOP counter reports); normalisation, pooling, resizing and the
-element-wise merge are left out, as is usual.
+element-wise merge are left out, as is usual. Training FLOPs count one forward and backward
+pass the same way (two FLOPs per multiply-accumulate), which is what a matrix unit's peak is
+quoted in.
 """
 
 from __future__ import annotations
@@ -29,6 +31,25 @@ def count_macs(model: nn.Module, image_size: int = 32) -> int:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model(torch.zeros(1, 3, image_size, image_size))
     finally:
+        model.train(was_training)
+    return counter.get_total_flops() // 2
+
+
+def count_training_flops(model: nn.Module, image_size: int = 32) -> int:
+    """FLOPs of one training image's forward and backward pass (the input needs no gradient).
+
+    Counted on a batch of two, since batch norm in training mode needs more than one value per
+    channel at the smallest feature map; the model's weights and buffers are left as they were.
+    """
+    was_training = model.training
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    model.train()
+    try:
+        with FlopCounterMode(display=False) as counter:
+            model(torch.zeros(2, 3, image_size, image_size)).sum().backward()
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.load_state_dict(state)
         model.train(was_training)
     return counter.get_total_flops() // 2
 

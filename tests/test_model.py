@@ -13,7 +13,7 @@ from resattn.model import AttentionModule, ResidualUnit, SoftMaskBranch
 from resattn.model_file import load_model, save_model
 from resattn.data import Normalization
 from resattn.training import evaluate, translated_views
-from resattn.summary import count_parameters, main as summary_main
+from resattn.summary import count_macs, count_parameters, count_training_flops, main as summary_main
 
 
 def images(n: int = 4, size: int = 32, seed: int = 0) -> torch.Tensor:
@@ -324,6 +324,17 @@ def test_summary_prints_a_row_per_preset(capsys):
     out = capsys.readouterr().out
     assert "| `attention92` | 92 | 1,2,1 | 2/2/2 | 16/64/128/256 | 1.96M | 212 | 1.9M | 4.99% |" in out
     assert "`attention56_tiny`" in out
+
+
+def test_training_flops_are_a_forward_pass_and_a_backward_pass_of_twice_its_cost():
+    model = create_model("attention56_tiny")
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    forward_flops = 2 * count_macs(model)
+    # The backward pass computes each layer's input and weight gradients, except the stem's
+    # input gradient (the image needs none): just under three forward passes in all.
+    assert 2.9 * forward_flops < count_training_flops(model) < 3 * forward_flops
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+    assert model.training and all(p.grad is None for p in model.parameters())
 
 
 # --------------------------------------------------------------------------------------------
