@@ -33,8 +33,8 @@ import torchvision.transforms as T
 from PIL import Image
 
 from resattn import cifar10, create_model
-from resattn.summary import count_training_flops
 from resattn.data import Normalization, channel_stats, normalize, random_crop_flip, to_tensor_nchw
+from resattn.summary import count_training_flops
 from resattn.training import (autocast_dtype, build_optimizer, build_scheduler, grad_scaler, precision_name,
                               train_epoch, training_model)
 
@@ -110,7 +110,7 @@ def matmul_peak_flops(dtype: torch.dtype, size: int, device: torch.device, secon
         torch.mm(a, b, out=out)
     synchronize(device)
     products, started = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - started) < seconds:
+    while time.perf_counter() - started < seconds:
         torch.mm(a, b, out=out)
         products += 1
         if products % 8 == 0:  # a GPU queues products asynchronously: bound what runs past the clock

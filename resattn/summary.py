@@ -39,7 +39,8 @@ def count_training_flops(model: nn.Module, image_size: int = 32) -> int:
     """FLOPs of one training image's forward and backward pass (the input needs no gradient).
 
     Counted on a batch of two, since batch norm in training mode needs more than one value per
-    channel at the smallest feature map; the model's weights and buffers are left as they were.
+    channel at the smallest feature map. The model's weights and buffers are left as they were,
+    and its gradients cleared.
     """
     was_training = model.training
     state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
