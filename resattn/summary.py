@@ -10,6 +10,7 @@ quoted in.
 from __future__ import annotations
 
 import argparse
+from copy import deepcopy
 from dataclasses import dataclass
 
 import torch
@@ -39,19 +40,12 @@ def count_training_flops(model: nn.Module, image_size: int = 32) -> int:
     """FLOPs of one training image's forward and backward pass (the input needs no gradient).
 
     Counted on a batch of two, since batch norm in training mode needs more than one value per
-    channel at the smallest feature map. The model's weights and buffers are left as they were,
-    and its gradients cleared.
+    channel at the smallest feature map, and on a copy, since training updates batch norm's
+    statistics and leaves gradients behind.
     """
-    was_training = model.training
-    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    model.train()
-    try:
-        with FlopCounterMode(display=False) as counter:
-            model(torch.zeros(2, 3, image_size, image_size)).sum().backward()
-    finally:
-        model.zero_grad(set_to_none=True)
-        model.load_state_dict(state)
-        model.train(was_training)
+    copy = deepcopy(model).train()
+    with FlopCounterMode(display=False) as counter:
+        copy(torch.zeros(2, 3, image_size, image_size)).sum().backward()
     return counter.get_total_flops() // 2
 
 
