@@ -376,21 +376,16 @@ def wait_until_session_is_empty(session: int, timeout: float = 90) -> None:
     assert not left, f"still running {timeout:.0f} s after SIGTERM: {left}"
 
 
-def sigterm_at_epoch_two(command: list[str], project: Path, run_name: str, env: dict[str, str], log: Path,
-                         to_group: bool = False) -> int:
-    """Start `command` in a session of its own, send SIGTERM to that one process (or, with
-    `to_group`, to every process of its group) once epoch 2 is checkpointed, and return the last
-    epoch checkpointed, after checking that the stage said it stopped, that nothing of the
-    session is left, and that training did not run to its end."""
+def sigterm_at_epoch_two(command: list[str], project: Path, run_name: str, env: dict[str, str], log: Path) -> int:
+    """Start `command` in a session of its own, send SIGTERM to that one process once epoch 2 is
+    checkpointed, and return the last epoch checkpointed, after checking that the stage said it
+    stopped, that nothing of the session is left, and that training did not run to its end."""
     with open(log, "w") as out:
         process = subprocess.Popen(command, cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT,
                                    start_new_session=True)
     try:
         wait_for_epoch(project, run_name, 2, process)
-        if to_group:
-            os.killpg(process.pid, signal.SIGTERM)
-        else:
-            process.send_signal(signal.SIGTERM)
+        process.send_signal(signal.SIGTERM)
         process.wait(timeout=90)
         wait_until_session_is_empty(process.pid)
     finally:
@@ -414,18 +409,6 @@ def test_sigterm_stops_the_train_driver_with_its_ray_and_a_rerun_resumes(project
         again = run([sys.executable, "-m", "pipeline.train"], project).stdout
         assert f"resuming from the checkpoint of epoch {done}" in again
         assert f"epoch {EPOCHS}/{EPOCHS}:" in again
-
-
-def test_sigterm_to_the_train_drivers_whole_process_group_stops_it_and_a_rerun_resumes(project, tmp_path):
-    """`kill -- -<pgid>`, or a batch scheduler that signals every process of a job: Ray's own
-    processes get SIGTERM beside the driver, which must still stop within seconds."""
-    if not (project / "data/prepared/train.npz").exists():
-        run(["dvc", "repro", "preprocess"], project)
-    with params_yaml_for(project, "group-sigterm"):
-        done = sigterm_at_epoch_two([sys.executable, "-m", "pipeline.train"], project, "group-sigterm", stage_env(),
-                                    tmp_path / "run.log", to_group=True)
-        again = run([sys.executable, "-m", "pipeline.train"], project).stdout
-        assert f"resuming from the checkpoint of epoch {done}" in again
 
 
 def test_sigterm_to_dvc_repro_alone_stops_its_stage_and_ray(project, tmp_path):
