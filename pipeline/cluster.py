@@ -45,6 +45,11 @@ LOCAL_RAY_ENV = {
     # raylet and the workers listened on all interfaces, and the job agent and runtime-env
     # agent on the machine's address (tests/test_security.py checks every listening socket).
     LOOPBACK_ONLY_ENV_VAR: "0",
+    # How long a stopping process waits to send its last task events (the dashboard's task
+    # list) to the GCS; 5 s otherwise. After a SIGTERM to the stage's whole process group the
+    # GCS no longer answers, and the driver waited out the 5 s before it stopped the raylet,
+    # while the training workers trained on: 10 more epochs of a test run.
+    "RAY_task_events_shutdown_flush_timeout_ms": "100",
 }
 # Ray Train's own notes (worker group started, each report with its checkpoint) stay in Ray's
 # log files; the console gets warnings and errors, and the pipeline's own lines.

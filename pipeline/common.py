@@ -75,9 +75,22 @@ def failing_in_one_line() -> Iterator[None]:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
     except KeyboardInterrupt:
+        shut_down_ray()
         print("stopped (SIGTERM or Ctrl-C); rerun the same command to resume from the last checkpoint",
               file=sys.stderr, flush=True)
         raise SystemExit(128 + signal.SIGINT) from None
+
+
+def shut_down_ray() -> None:
+    """Leave the Ray this process started or joined, now rather than at interpreter exit. A
+    SIGTERM to the stage's whole process group (`kill -- -PGID`, a batch scheduler) reaches the
+    local Ray's own processes too, and its GCS, once signalled, stops answering without exiting:
+    at exit, Tune's handler that unregisters a sweep's trainables from the GCS ran first and
+    waited on it for good (a sweep's driver, its Ray and its trial workers were still there
+    60 s later), where shutting down first drops that registry and stops the processes."""
+    ray = sys.modules.get("ray")  # imported by the stages that use Ray only
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 def change_to_root(root: Path | None) -> None:

@@ -1,8 +1,9 @@
 """Fault injection, for real: a Ray Train worker SIGKILLed mid-epoch, checkpoints truncated on
-disk, a preprocess killed mid-write, a tracking server that is not there. Each test asserts
+disk, a preprocess killed mid-write, a tracking server that is not there, SIGTERM to a stage,
+to its whole process group or to the `dvc repro` over it. Each test asserts
 what a user relies on afterwards: the run finishes with the metrics it would have had, or
 stops with one message naming what is wrong, and nothing half-written is ever taken as valid.
-(The driver and sweep kills are in test_pipeline.py and test_tune.py.)"""
+(Sweeps killed and restored are in test_tune.py and test_cluster.py.)"""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from helpers import (
+    ROOT,
     MlflowServer,
     free_port,
     kill_session,
@@ -376,24 +378,30 @@ def wait_until_session_is_empty(session: int, timeout: float = 90) -> None:
     assert not left, f"still running {timeout:.0f} s after SIGTERM: {left}"
 
 
-def sigterm_at_epoch_two(command: list[str], project: Path, run_name: str, env: dict[str, str], log: Path) -> int:
-    """Start `command` in a session of its own, send SIGTERM to that one process once epoch 2 is
-    checkpointed, and return the last epoch checkpointed, after checking that the stage said it
-    stopped, that nothing of the session is left, and that training did not run to its end."""
+def sigterm_at_epoch_two(command: list[str], project: Path, run_name: str, env: dict[str, str], log: Path,
+                         epochs: int = EPOCHS, to_group: bool = False) -> int:
+    """Start `command` in a session of its own, send SIGTERM to that one process (or, with
+    `to_group`, to every process of its group) once epoch 2 is checkpointed, and return the last
+    epoch checkpointed, after checking that nothing of the session is left, that training did
+    not run to its end of `epochs` and, for the driver alone, that the stage said it stopped (a
+    raylet signalled with it may die first, and Ray's core worker then ends the driver at once)."""
     with open(log, "w") as out:
         process = subprocess.Popen(command, cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT,
                                    start_new_session=True)
     try:
         wait_for_epoch(project, run_name, 2, process)
-        process.send_signal(signal.SIGTERM)
+        if to_group:
+            os.killpg(process.pid, signal.SIGTERM)
+        else:
+            process.send_signal(signal.SIGTERM)
         process.wait(timeout=90)
         wait_until_session_is_empty(process.pid)
     finally:
         kill_session(process.pid)
     text = log.read_text()
-    assert "stopped (SIGTERM or Ctrl-C); rerun the same command to resume" in text, text[-3000:]
+    assert to_group or "stopped (SIGTERM or Ctrl-C); rerun the same command to resume" in text, text[-3000:]
     done = recorded_epoch(project / "ray_results", run_name)
-    assert 2 <= done < EPOCHS, done
+    assert 2 <= done < epochs, done
     return done
 
 
@@ -409,6 +417,52 @@ def test_sigterm_stops_the_train_driver_with_its_ray_and_a_rerun_resumes(project
         again = run([sys.executable, "-m", "pipeline.train"], project).stdout
         assert f"resuming from the checkpoint of epoch {done}" in again
         assert f"epoch {EPOCHS}/{EPOCHS}:" in again
+
+
+def test_sigterm_to_the_train_drivers_whole_process_group_stops_training_within_epochs(project, tmp_path):
+    """`kill -- -<pgid>`, or a batch scheduler that signals every process of a job: the local
+    Ray's GCS and raylet get SIGTERM beside the driver and stop answering, and the workers train
+    on until the driver has stopped the raylet. That took 7 s, 10 test epochs, while the driver
+    waited to send task events to the stopped GCS; now 2. The rerun resumes."""
+    if not (project / "data/prepared/train.npz").exists():
+        run(["dvc", "repro", "preprocess"], project)
+    epochs = 16
+    with params_yaml_with(project, train={"epochs": epochs}, ray={"run_name": "group-sigterm"}):
+        done = sigterm_at_epoch_two([sys.executable, "-m", "pipeline.train"], project, "group-sigterm", stage_env(),
+                                    tmp_path / "run.log", epochs=epochs, to_group=True)
+        assert done <= 2 + 5, f"epoch {done} was checkpointed after SIGTERM at epoch 2"
+        again = run([sys.executable, "-m", "pipeline.train"], project).stdout
+        assert f"resuming from the checkpoint of epoch {done}" in again
+        assert f"epoch {epochs}/{epochs}:" in again
+
+
+def test_sigterm_to_a_sweeps_whole_process_group_stops_it_and_leaves_nothing_running(sweep_project, tmp_path):
+    """The same signal to `python pipeline/tune.py`'s group: at exit, Tune's handler that
+    unregisters the sweep's trainables asked the signalled GCS, which never answered, and the
+    driver, its GCS and its trial workers were all still there a minute later. The driver now
+    exits within seconds, and nothing of the sweep outlives it."""
+    command = [sys.executable, str(ROOT / "pipeline" / "tune.py"), "-S", "tune.name=group-sigterm",
+               "-S", "tune.num_samples=2"]
+    experiment = sweep_project / "ray_results" / "group-sigterm"
+    log = tmp_path / "sweep.log"
+    with open(log, "w") as out:
+        driver = subprocess.Popen(command, cwd=sweep_project, env=stage_env(), stdout=out, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(experiment.glob("run_trial_*")):
+            assert driver.poll() is None, "the sweep ended before it could be signalled"
+            assert time.monotonic() < deadline, "no trial started within 5 minutes"
+            time.sleep(0.1)
+        time.sleep(2)  # into the trial's training
+        os.killpg(driver.pid, signal.SIGTERM)
+        driver.wait(timeout=60)
+        # Within the default 90 s, not 30: in one run a Ray worker that was starting as the
+        # signal came was still there 30 s later.
+        wait_until_session_is_empty(driver.pid)
+    finally:
+        kill_session(driver.pid)
+    assert driver.returncode != 0, log.read_text()[-3000:]
 
 
 def test_sigterm_to_dvc_repro_alone_stops_its_stage_and_ray(project, tmp_path):
