@@ -69,16 +69,34 @@ from resattn.data import load_prepared, write_json, write_text
 # One trial: a Ray Train run of the pipeline's worker loop, reporting to Tune
 
 
+def concluded_trial_result(storage_path: str, run_name: str, epochs: int) -> dict | None:
+    """The last result of a trial's Train run that has trained all its `epochs` (or diverged),
+    as TuneReportCallback reported it to Tune; None for a run yet to start or to finish."""
+    try:
+        result = ray.train.Result.from_path(f"{storage_path.rstrip('/')}/{run_name}")
+    except RuntimeError:  # no such run, or no checkpoint recorded yet
+        return None
+    if result.checkpoint is None or not (result.metrics.get("epoch") == epochs or "diverged" in result.metrics):
+        return None
+    return result.metrics | {CHECKPOINT_PATH_KEY: result.checkpoint.path}
+
+
 def run_trial(sampled: dict, *, raw: dict, context: dict) -> None:
     params = parse_params(trial_raw(raw, sampled, context["settings"]), "the trial params")
     trial_id = tune.get_context().get_trial_id()
+    # Derived from the trial id, so a restored sweep resumes this very Train run.
+    run_name = f"{context['sweep']}-{trial_id}"
+    if concluded := concluded_trial_result(context["storage_path"], run_name, params.train.epochs):
+        # Tune saves its record of the trials every 10 s at most. A sweep stopped in between
+        # reruns a trial whose Train run had concluded, which trains nothing and so reported
+        # nothing: Tune kept the last result it had recorded, of an earlier epoch, whose
+        # checkpoint Train had deleted (it keeps two), and the sweep failed reading it.
+        tune.report(concluded)
+        return
     client = MlflowClient(context["tracking_uri"])
     run_id = trial_child_run(client, context, trial_id, params, sampled)
-    trainer = build_trainer(
-        params, context["data"], context["tracking_uri"], run_id,
-        # Derived from the trial id, so a restored sweep resumes this very Train run.
-        name=f"{context['sweep']}-{trial_id}", storage_path=context["storage_path"], callbacks=[TuneReportCallback()],
-    )
+    trainer = build_trainer(params, context["data"], context["tracking_uri"], run_id, name=run_name,
+                            storage_path=context["storage_path"], callbacks=[TuneReportCallback()])
     trainer.fit()
 
 

@@ -465,6 +465,32 @@ def test_sigterm_to_a_sweeps_whole_process_group_stops_it_and_leaves_nothing_run
     assert driver.returncode != 0, log.read_text()[-3000:]
 
 
+def test_a_sweep_killed_as_a_trial_concludes_has_that_trial_whole_when_restored(sweep_project):
+    """Tune saves its record of the trials every 10 s at most, Train a checkpoint every epoch: a
+    sweep killed just after a trial's Train run concluded is restored with a record from before
+    the trial's last results. The restored trial, with nothing left to train, reported nothing,
+    and the sweep went on with the stale record: a result of an earlier epoch, or none, or one
+    whose checkpoint Train had since deleted. It now reports its final result again."""
+    command = [sys.executable, str(ROOT / "pipeline" / "tune.py"), "-S", "tune.name=concluded",
+               "-S", "tune.num_samples=1"]
+    driver = subprocess.Popen(command, cwd=sweep_project, env=stage_env(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while recorded_epoch(sweep_project / "ray_results", "concluded") < 3:  # the sweep's tune.max_epochs
+            assert driver.poll() is None, "the sweep ended before it could be killed"
+            assert time.monotonic() < deadline, "the trial did not conclude within 5 minutes"
+            time.sleep(0.02)
+    finally:
+        kill_session(driver.pid)
+        driver.wait(timeout=60)
+    assert driver.returncode == -signal.SIGKILL, "the sweep ended before it could be killed"
+
+    run(command, sweep_project)
+    summary = json.loads((sweep_project / "reports/tune/concluded/summary.json").read_text())
+    assert (summary["trials"], summary["trial_epochs"], summary["stopped_early"]) == (1, 3, 0), summary
+
+
 def test_sigterm_to_dvc_repro_alone_stops_its_stage_and_ray(project, tmp_path):
     """`kill <dvc pid>`: DVC dies at once and does not pass the signal on. The stage, DVC's
     child, asked Linux for SIGTERM on its parent's death, and stops with its Ray. Run with
