@@ -63,17 +63,24 @@ def load_resumable_state(latest: ray.train.Checkpoint) -> dict:
     raise RuntimeError("no readable checkpoint to resume from: " + "; ".join(failures))
 
 
+def recorded_result(storage_path: str, run_name: str) -> ray.train.Result | None:
+    """What Ray Train recorded of run `run_name`: its latest checkpoint, with the metrics
+    reported beside it; None if there is no such run or it has no checkpoint yet."""
+    try:
+        result = ray.train.Result.from_path(f"{storage_path.rstrip('/')}/{run_name}")
+    except RuntimeError:  # no such run, or no checkpoint recorded yet
+        return None
+    return result if result.checkpoint else None
+
+
 def latest_state(storage_path: str, run_name: str) -> dict | None:
     """The state of Ray run `run_name`'s newest readable checkpoint (`load_resumable_state`), or
     None if there is no such run or it has no checkpoint yet; RuntimeError if none loads. The
     driver reads it before Ray starts: a concluded run (`has_concluded`) needs no Ray, and a
     run that cannot resume fails in seconds, where Ray Train restarted its workers
     `train.max_failures` times to fail the same way."""
-    try:
-        result = ray.train.Result.from_path(f"{storage_path.rstrip('/')}/{run_name}")
-    except RuntimeError:  # no such run, or no checkpoint recorded yet
-        return None
-    return load_resumable_state(result.checkpoint) if result.checkpoint else None
+    result = recorded_result(storage_path, run_name)
+    return load_resumable_state(result.checkpoint) if result else None
 
 
 def has_concluded(state: dict, epochs: int) -> bool:

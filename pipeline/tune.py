@@ -34,7 +34,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 
-from pipeline.checkpoints import load_checkpoint_state, save_trained_model
+from pipeline.checkpoints import load_checkpoint_state, recorded_result, save_trained_model
 from pipeline.cluster import build_trainer, check_resources, resolve_storage_path, start_ray
 from pipeline.common import change_to_root, failing_in_one_line
 from pipeline.config import DEFAULT_PARAMS, Params, parse_params, resolve
@@ -72,11 +72,8 @@ from resattn.data import load_prepared, write_json, write_text
 def concluded_trial_result(storage_path: str, run_name: str, epochs: int) -> dict | None:
     """The last result of a trial's Train run that has trained all its `epochs` (or diverged),
     as TuneReportCallback reported it to Tune; None for a run yet to start or to finish."""
-    try:
-        result = ray.train.Result.from_path(f"{storage_path.rstrip('/')}/{run_name}")
-    except RuntimeError:  # no such run, or no checkpoint recorded yet
-        return None
-    if result.checkpoint is None or not (result.metrics.get("epoch") == epochs or "diverged" in result.metrics):
+    result = recorded_result(storage_path, run_name)
+    if result is None or not (result.metrics.get("epoch") == epochs or "diverged" in result.metrics):
         return None
     return result.metrics | {CHECKPOINT_PATH_KEY: result.checkpoint.path}
 
