@@ -436,11 +436,13 @@ def test_sigterm_to_the_train_drivers_whole_process_group_stops_training_within_
         assert f"epoch {epochs}/{epochs}:" in again
 
 
-def test_sigterm_to_a_sweeps_whole_process_group_stops_it_and_leaves_nothing_running(sweep_project, tmp_path):
+def test_sigterm_to_a_sweeps_whole_process_group_stops_it_and_the_rerun_finishes_it(sweep_project, tmp_path):
     """The same signal to `python pipeline/tune.py`'s group: at exit, Tune's handler that
     unregisters the sweep's trainables asked the signalled GCS, which never answered, and the
     driver, its GCS and its trial workers were all still there a minute later. The driver now
-    exits within seconds, and nothing of the sweep outlives it."""
+    exits within seconds, nothing of the sweep outlives it, and the same command finishes the
+    sweep (once in five reruns, before 78f635b, Tune's record pointed at a checkpoint Train had
+    since deleted)."""
     command = [sys.executable, str(ROOT / "pipeline" / "tune.py"), "-S", "tune.name=group-sigterm",
                "-S", "tune.num_samples=2"]
     experiment = sweep_project / "ray_results" / "group-sigterm"
@@ -463,6 +465,10 @@ def test_sigterm_to_a_sweeps_whole_process_group_stops_it_and_leaves_nothing_run
     finally:
         kill_session(driver.pid)
     assert driver.returncode != 0, log.read_text()[-3000:]
+
+    run(command, sweep_project)
+    summary = json.loads((sweep_project / "reports/tune/group-sigterm/summary.json").read_text())
+    assert summary["trials"] == 2, summary
 
 
 def test_a_sweep_killed_as_a_trial_concludes_has_that_trial_whole_when_restored(sweep_project):
