@@ -29,6 +29,7 @@ from resattn.training import (
     GraphedStep,
     NonFiniteLossError,
     autocast_dtype,
+    broadcast_buffers,
     evaluate,
     global_sums,
     grad_scaler,
@@ -185,6 +186,7 @@ def train_loop_per_worker(config: dict) -> None:
                 validated = ({"": unwrap(model)} if average is None
                              else {"": average.module, UNAVERAGED_SUFFIX: unwrap(model)})
                 for suffix, module in validated.items():
+                    broadcast_buffers(module)  # each worker scores the weights the checkpoint keeps
                     val = evaluate(
                         module, val_images, val_labels, norm, batch_size=train_cfg.eval_batch_size,
                         device=device, channels_last=train_cfg.channels_last, autocast_dtype=precision,

@@ -191,6 +191,16 @@ def global_sums(*values: float, device: torch.device) -> list[float]:
     return totals.tolist()
 
 
+def broadcast_buffers(module: nn.Module) -> None:
+    """Rank 0's buffers (batch-norm running statistics) on every worker, as the checkpoint and
+    the model file keep them. DDP broadcasts them only at the start of a training forward pass,
+    which then moves each worker's copy by its own batch: validated without this, a 2-worker
+    CIFAR-10 run reported 92.44% for a model file that scores 92.62%."""
+    if _distributed():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def _non_finite(loss: torch.Tensor) -> str | None:
     """How this step's loss is not finite on some worker ("nan", "inf"), else None. Every
     worker gets the same answer at the same step (one scalar all-reduce), so all stop together

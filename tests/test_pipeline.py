@@ -19,8 +19,9 @@ from PIL import Image
 
 from helpers import ROOT, params_variant, recorded_checkpoint, run, stage_env, synthetic_split
 from pipeline import ray_hooks
+from resattn.data import load_prepared, to_tensor_nchw
 from resattn.model_file import load_model
-from resattn.training import autocast_dtype, precision_name
+from resattn.training import autocast_dtype, evaluate, precision_name
 
 pytestmark = pytest.mark.slow
 
@@ -203,6 +204,27 @@ def test_the_warnings_a_local_run_silences_stay_silent_once_train_configures_its
     console = json.loads(result.stdout.strip().splitlines()[-1])
     assert console == [f"{ray_hooks.AUTOSCALING_CLIENT_LOGGER}: an error",
                        f"{ray_hooks.PLACEMENT_GROUP_CLEANER_LOGGER}: an error"], console
+
+
+def test_the_validation_a_two_worker_run_reports_is_the_model_files(project):
+    """Each worker validates its half of the split; the figure must be that of the weights the
+    model file keeps. DDP hands rank 0's batch-norm statistics to the others only at the start of
+    a training step, so after its last step each worker held statistics moved by its own last
+    batch: a 2-worker run on CIFAR-10 reported 92.44% for a model file that scores 92.62%."""
+    if not (project / "data/prepared/train.npz").exists():
+        run(["dvc", "repro", "preprocess"], project)
+    train = yaml.safe_load((project / "params.yaml").read_text())["train"]
+    assert train["num_workers"] == 2
+    variant = params_variant(project, "fp32", ray={"run_name": "fp32"}, train=train | {"mixed_precision": False})
+    result = subprocess.run([sys.executable, "-m", "pipeline.train", "--params", variant], cwd=project,
+                            env=stage_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reported = json.loads((project / "reports/train.json").read_text())
+    (_, val, norm), _ = load_prepared(project / "data/prepared")
+    scored = evaluate(load_model(project / "models/model.pt"), to_tensor_nchw(val.images),
+                      torch.from_numpy(val.labels), norm, batch_size=train["eval_batch_size"])
+    assert reported["val_loss"] == pytest.approx(scored.loss, rel=1e-5)
+    assert reported["val_accuracy"] == pytest.approx(scored.accuracy, abs=1e-9)
 
 
 def test_a_run_with_a_weight_average_validates_and_keeps_the_average(project):
