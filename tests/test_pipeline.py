@@ -216,9 +216,7 @@ def test_the_validation_a_two_worker_run_reports_is_the_model_files(project):
     train = yaml.safe_load((project / "params.yaml").read_text())["train"]
     assert train["num_workers"] == 2
     variant = params_variant(project, "fp32", ray={"run_name": "fp32"}, train=train | {"mixed_precision": False})
-    result = subprocess.run([sys.executable, "-m", "pipeline.train", "--params", variant], cwd=project,
-                            env=stage_env(), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run([sys.executable, "-m", "pipeline.train", "--params", variant], project)
     reported = json.loads((project / "reports/train.json").read_text())
     (_, val, norm), _ = load_prepared(project / "data/prepared")
     scored = evaluate(load_model(project / "models/model.pt"), to_tensor_nchw(val.images),
@@ -241,9 +239,7 @@ def test_a_run_with_a_weight_average_validates_and_keeps_the_average(project):
                                             "progressive_resizing": {"start_size": 16, "full_size_at": 0.5},
                                             "validate_every": 2})
     (project / "models").mkdir(exist_ok=True)
-    result = subprocess.run([sys.executable, "-m", "pipeline.train", "--params", variant], cwd=project,
-                            env=stage_env(), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run([sys.executable, "-m", "pipeline.train", "--params", variant], project)
     state = torch.load(recorded_checkpoint(project / "ray_results", "averaged") / "state.pt", weights_only=True)
     assert int(state["weight_average"]["n_averaged"]) == 2 * (240 // 32)  # one update per step of both epochs
     assert [epoch["image_size"] for epoch in state["history"]] == [16, 32]
