@@ -65,6 +65,7 @@ import torch
 REPOSITORY = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPOSITORY))  # resattn, from a bare copy of the repo
 
+from resattn.budget import training_seconds_per_image  # noqa: E402
 from resattn.cifar10 import Split  # noqa: E402
 from resattn.data import Normalization, load_split, progressive_image_size, to_tensor_nchw  # noqa: E402
 from resattn.training import (  # noqa: E402
@@ -295,38 +296,22 @@ def step_rate(runner: torch.nn.Module, model: torch.nn.Module, images: torch.Ten
               norm: Normalization, settings: dict, device: torch.device, dtype: torch.dtype | None,
               steps: int, *, graphs: bool = False) -> tuple[float, float]:
     """The recipe's training step through `runner` (replayed as a CUDA graph with `graphs`):
-    img/s over `steps` steps after the warm-up, and the warm-up's seconds. It steps at a
-    learning rate of 0 and puts `model`'s weights and BN buffers back, so the recipe trains from
-    the same start."""
-    kept = {name: value.clone() for name, value in model.state_dict().items()}
-    optimizer = build_optimizer(model, "sgd", 0.0, momentum=0.0, capturable=graphs)
-    constant = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    graphed = (GraphedStep(model, optimizer, label_smoothing=settings["label_smoothing"], autocast_dtype=dtype)
-               if graphs else None)
-    batch_size = settings["batch_size"]
+    img/s over `steps` steps after the warm-up, and the warm-up's seconds (compiling included),
+    as resattn.budget times a run's step. It steps at a learning rate of 0, and `model`'s weights
+    and BN buffers are put back, so the recipe trains from the same start."""
+    def learning_nothing() -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        optimizer = build_optimizer(model, "sgd", 0.0, momentum=0.0, capturable=graphs)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
-    def run_steps(count: int, epoch: int) -> float:  # img/s
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        started = time.perf_counter()
-        result = train_epoch(runner, optimizer, constant, images[: count * batch_size], labels[: count * batch_size],
-                             norm, batch_size=batch_size, seed=settings["seed"], epoch=epoch,
-                             label_smoothing=settings["label_smoothing"], device=device,
-                             channels_last=settings["channels_last"], autocast_dtype=dtype,
-                             scaler=grad_scaler(device, dtype), alternating_flip=settings["alternating_flip"],
-                             graphed=graphed)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return result.images / (time.perf_counter() - started)
-
+    side = images.shape[-1]
     started = time.perf_counter()
-    try:
-        run_steps(WARMUP_BEFORE_TIMING, 0)
-        warmup_seconds = time.perf_counter() - started
-        rate = run_steps(steps, 1)
-    finally:
-        model.load_state_dict(kept)
-    return rate, warmup_seconds
+    seconds_per_image = training_seconds_per_image(
+        runner, learning_nothing, images, labels, norm, sides=[side], batch_size=settings["batch_size"], steps=steps,
+        graphed=graphs, device=device, label_smoothing=settings["label_smoothing"], autocast_dtype=dtype,
+        channels_last=settings["channels_last"], scaler=grad_scaler(device, dtype),
+        alternating_flip=settings["alternating_flip"])[side]
+    timed_seconds = steps * settings["batch_size"] * seconds_per_image
+    return 1 / seconds_per_image, time.perf_counter() - started - timed_seconds
 
 
 def epochs_within(minutes: float, spent_seconds: float, rate: float, train_images: int, batch_size: int,

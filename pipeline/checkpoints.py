@@ -23,6 +23,9 @@ from resattn.model_file import save_model
 from resattn.training import trained_weights
 
 STATE_FILE = "state.pt"
+# The epoch count a run trains, kept beside its training state: a time budget chooses it once,
+# and a resumed run keeps it (its schedule and resizing ramp were planned for it).
+EPOCHS_KEY = "epochs"
 CHECKPOINTS_KEPT = 2
 
 
@@ -84,8 +87,9 @@ def latest_state(storage_path: str, run_name: str) -> dict | None:
 
 
 def has_concluded(state: dict, epochs: int) -> bool:
-    """Whether a checkpoint's state ends its run: all `epochs` trained, or a divergence record."""
-    return "diverged" in state or state["epoch"] + 1 == epochs
+    """Whether a checkpoint's state ends its run: all its epochs trained (the count it keeps,
+    else `epochs`), or a divergence record."""
+    return "diverged" in state or state["epoch"] + 1 == state.get(EPOCHS_KEY, epochs)
 
 
 def save_trained_model(state: dict, params: Params, path: Path) -> None:

@@ -9,8 +9,8 @@ later wins:
 3. the profile: conf/profile/<name>.yaml, chosen by `profile` (`-S profile=paper`);
 4. explicit overrides: `-S key=value` given to `dvc exp run`, pipeline/tune.py or
    `python -m pipeline.config`;
-5. in a sweep, each trial's epoch budget, worker count, validation every epoch and sampled
-   values (pipeline/search.py, `sweep_layer`).
+5. in a sweep, each trial's epoch budget (no time budget), worker count, validation every
+   epoch and sampled values (pipeline/search.py, `sweep_layer`).
 
 Layers 2-4 are Hydra's (`compose`); layer 1 is validation's (`parse_params`); layer 5 is the
 sweep's (a mapping merged on top with `deep_merge`). Errors name the key, the value and what is
@@ -124,7 +124,12 @@ class ProgressiveResizingConfig(Section):
 
 
 class TrainConfig(Section):
-    epochs: int = Field(10, ge=1)
+    epochs: int = Field(10, ge=1, description="with `minutes`, the most epochs the budget may choose")
+    minutes: float | None = Field(
+        None, gt=0, description="a time budget for the training loop (epochs and validations; not start-up, "
+                                "checkpoints or evaluation): the rates of this machine's step are measured at every "
+                                "image side first, then the run trains the most epochs, up to `epochs`, that fit "
+                                "(resattn.budget). Sweep trials train their epoch budget instead")
     batch_size: int = Field(128, ge=2, description="global: split evenly across workers")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     ema_decay: float = Field(0.0, ge=0, lt=1, description="0: off; else a moving average of the weights and BN "
@@ -166,6 +171,12 @@ class TrainConfig(Section):
             return self.num_workers, self.num_workers
         fewest, most = self.num_workers
         return fewest, most
+
+    @property
+    def fewest_epochs(self) -> int:
+        """The fewest epochs the schedule allows: past its warm-up and its last milestone."""
+        return max(1, math.floor(self.schedule.warmup_epochs) + 1,
+                   *(math.floor(milestone) + 1 for milestone in self.schedule.milestones))
 
     @property
     def workers_text(self) -> str:

@@ -49,10 +49,12 @@ def check_path(key: str) -> None:
 
 def sweep_layer(settings: TuneSection, sampled: dict[str, Any]) -> dict:
     """What a trial sets over the sweep's resolved params, the last layer of precedence
-    (pipeline/config.py): its epoch budget, its worker count, a validation every epoch (Tune's
-    schedulers and searchers compare trials on each epoch's val_accuracy, and Tune refuses a
-    result without it), then its sampled values."""
-    layer = {"train": {"epochs": settings.max_epochs, "num_workers": settings.workers_per_trial, "validate_every": 1}}
+    (pipeline/config.py): its epoch budget, and no time budget (trials compared at the same
+    epoch must have trained on the same schedule), its worker count, a validation every epoch
+    (Tune's schedulers and searchers compare trials on each epoch's val_accuracy, and Tune
+    refuses a result without it), then its sampled values."""
+    layer = {"train": {"epochs": settings.max_epochs, "minutes": None, "num_workers": settings.workers_per_trial,
+                       "validate_every": 1}}
     for key, value in sampled.items():
         layer = deep_merge(layer, overlay_for(key, value))
     return layer
@@ -102,7 +104,7 @@ def reproduce_command(resolved: dict, assignments: list[str], layer: dict) -> st
     present = flatten_mapping(resolved)
     kept = [a for a in assignments if not a.lstrip("+~").startswith("tune.")]
     for key, value in flatten_mapping(layer).items():
-        text = json.dumps(value) if isinstance(value, (list, dict, bool)) else str(value)
+        text = json.dumps(value) if value is None or isinstance(value, (list, dict, bool)) else str(value)
         kept.append(f"{'' if key in present else '+'}{key}={text}")
     return " ".join(["dvc exp run", *(f"-S {shlex.quote(a)}" for a in kept)])
 

@@ -12,7 +12,9 @@ checkpoint.
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Callable
 
 import ray
 import ray.train
@@ -20,11 +22,12 @@ import ray.train.torch
 import torch
 from torch import nn
 
-from pipeline.checkpoints import load_resumable_state, report_state
-from pipeline.config import Params
+from pipeline.checkpoints import EPOCHS_KEY, load_resumable_state, report_state
+from pipeline.config import Params, TrainConfig
 from pipeline.tracking import start_system_metrics, stop_system_metrics, tag_run
+from resattn.budget import ImageSide, epochs_within, image_sides, measure_rates, planned_seconds
 from resattn.cifar10 import Split
-from resattn.data import progressive_image_size, to_tensor_nchw
+from resattn.data import Normalization, progressive_image_size, to_tensor_nchw
 from resattn.training import (
     GraphedStep,
     NonFiniteLossError,
@@ -89,6 +92,35 @@ def report_divergence(reason: str, epoch: int, rank: int, history: list[dict]) -
     report_state(metrics, {"diverged": reason, "epoch": epoch, "history": history} if rank == 0 else None)
 
 
+def epochs_in_budget(train_cfg: TrainConfig, model: nn.Module, throwaway_optimizer: Callable, image_side: ImageSide,
+                     images_per_epoch: int, train_images: torch.Tensor, train_labels: torch.Tensor,
+                     val_images: torch.Tensor, val_labels: torch.Tensor, norm: Normalization, *,
+                     per_worker_batch: int, rank: int, world_size: int, device: torch.device,
+                     precision: torch.dtype | None) -> int:
+    """The most epochs, up to train.epochs, that fit train.minutes at the rates this worker
+    group measures now (resattn.budget); every worker gets the same count."""
+    fewest, most = train_cfg.fewest_epochs, train_cfg.epochs
+    sides = image_sides(image_side, fewest, most)
+    if rank == 0:
+        print(f"time budget {train_cfg.minutes:g} min: measuring the training step at {', '.join(map(str, sides))} "
+              f"px and a validation", flush=True)
+    started = time.monotonic()
+    rates = measure_rates(
+        model, throwaway_optimizer, train_images, train_labels, val_images, val_labels, norm, sides=sides,
+        batch_size=per_worker_batch, eval_batch_size=train_cfg.eval_batch_size, ema_decay=train_cfg.ema_decay,
+        rank=rank, world_size=world_size, device=device, channels_last=train_cfg.channels_last,
+        autocast_dtype=precision, label_smoothing=train_cfg.label_smoothing, alternating_flip=train_cfg.alternating_flip,
+        scaler=grad_scaler(device, precision), graphed=train_cfg.cuda_graphs)
+    plan = dict(images_per_epoch=images_per_epoch, image_side=image_side, validate_every=train_cfg.validate_every,
+                models_validated=2 if train_cfg.ema_decay else 1)
+    epochs = epochs_within(train_cfg.minutes, rates, fewest=fewest, most=most, **plan)
+    if rank == 0:
+        print(f"time budget {train_cfg.minutes:g} min: {epochs} of at most {most} epochs fit, planned at "
+              f"{planned_seconds(epochs, rates, **plan) / 60:.1f} min (measured in {time.monotonic() - started:.0f} s: "
+              f"{rates.describe()})", flush=True)
+    return epochs
+
+
 def train_loop_per_worker(config: dict) -> None:
     threads = use_reserved_cpus()
     params = Params.model_validate(config["params"])
@@ -124,17 +156,32 @@ def train_loop_per_worker(config: dict) -> None:
     steps_per_epoch = (len(train_labels) // world_size) // per_worker_batch
     if steps_per_epoch == 0:
         raise ValueError(f"{len(train_labels)} training images make no batch of {train_cfg.batch_size}")
-    optimizer, scheduler = optimizer_and_scheduler(model, train_cfg.optimizer.model_dump(),
-                                                   train_cfg.schedule.model_dump(), train_cfg.epochs, steps_per_epoch,
-                                                   capturable=train_cfg.cuda_graphs)
-    average = weight_average(model, train_cfg.ema_decay)
+    total_images = steps_per_epoch * per_worker_batch * world_size
+    resizing = train_cfg.progressive_resizing
+    image_side = functools.partial(progressive_image_size, full_size=train_images.shape[-1],
+                                   start_size=resizing.start_size, full_size_at=resizing.full_size_at)
 
+    def recipe_optimizer(epochs: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        return optimizer_and_scheduler(model, train_cfg.optimizer.model_dump(), train_cfg.schedule.model_dump(),
+                                       epochs, steps_per_epoch, capturable=train_cfg.cuda_graphs)
+
+    state = load_resumable_state(checkpoint) if (checkpoint := ray.train.get_checkpoint()) else None
+    if state is not None and "diverged" in state:
+        report_divergence(state["diverged"], state["epoch"], rank, state["history"])
+        return
+    if state is not None:  # the count the run started with, whatever a budget would choose now
+        epochs = state.get(EPOCHS_KEY, train_cfg.epochs)
+    elif train_cfg.minutes:
+        epochs = epochs_in_budget(train_cfg, model, functools.partial(recipe_optimizer, train_cfg.epochs),
+                                  image_side, total_images, train_images, train_labels, val_images, val_labels, norm,
+                                  per_worker_batch=per_worker_batch, rank=rank, world_size=world_size, device=device,
+                                  precision=precision)
+    else:
+        epochs = train_cfg.epochs
+    optimizer, scheduler = recipe_optimizer(epochs)
+    average = weight_average(model, train_cfg.ema_decay)
     start_epoch, history = 0, []
-    if checkpoint := ray.train.get_checkpoint():
-        state = load_resumable_state(checkpoint)
-        if "diverged" in state:
-            report_divergence(state["diverged"], state["epoch"], rank, state["history"])
-            return
+    if state is not None:
         start_epoch, history = restore_training_state(state, model, optimizer, scheduler, scaler, average)
         if rank == 0:
             print(f"resuming from the checkpoint of epoch {start_epoch}", flush=True)
@@ -142,11 +189,11 @@ def train_loop_per_worker(config: dict) -> None:
     graphed = (GraphedStep(model, optimizer, label_smoothing=train_cfg.label_smoothing, autocast_dtype=precision)
                if train_cfg.cuda_graphs else None)
 
-    total_images = steps_per_epoch * per_worker_batch * world_size
     nodes = worker_nodes()
     if rank == 0:
-        # Where the (latest) worker group ran, for the run's page: an elastic run's changes.
-        tag_run(config["tracking_uri"], config["run_id"], {"ray_nodes": ",".join(nodes)})
+        # Where the (latest) worker group ran, for the run's page: an elastic run's changes; and
+        # how many epochs it trains, which a time budget chooses.
+        tag_run(config["tracking_uri"], config["run_id"], {"ray_nodes": ",".join(nodes), "epochs": str(epochs)})
         arithmetic = precision_name(precision)
         if train_cfg.mixed_precision and precision is None:
             arithmetic += " (train.mixed_precision: this CPU has no native bf16, which it would emulate 6x slower)"
@@ -155,7 +202,7 @@ def train_loop_per_worker(config: dict) -> None:
               flush=True)
     sampling = rank == 0 and start_system_metrics(config["tracking_uri"], config["run_id"])
     try:
-        for epoch in range(start_epoch, train_cfg.epochs):
+        for epoch in range(start_epoch, epochs):
             epoch_started = time.monotonic()
             last_print = [epoch_started]
 
@@ -165,9 +212,7 @@ def train_loop_per_worker(config: dict) -> None:
                     print(f"  epoch {epoch + 1}: {done * world_size:,}/{total_images:,} images", flush=True)
 
             lr = float(optimizer.param_groups[0]["lr"])  # a tensor on the GPU with cuda_graphs
-            resizing = train_cfg.progressive_resizing
-            image_size = progressive_image_size(epoch, train_cfg.epochs, train_images.shape[-1], resizing.start_size,
-                                                resizing.full_size_at)
+            image_size = image_side(epoch, epochs)
             try:
                 result = train_epoch(
                     model, optimizer, scheduler, train_images, train_labels, norm,
@@ -181,7 +226,7 @@ def train_loop_per_worker(config: dict) -> None:
                 report_divergence(str(error), epoch, rank, history)
                 return
             metrics = {"epoch": epoch + 1, "train_loss": result.loss, "train_accuracy": result.accuracy}
-            if validates_after(epoch, train_cfg.epochs, train_cfg.validate_every):
+            if validates_after(epoch, epochs, train_cfg.validate_every):
                 # What the model file keeps; beside a weight average, the weights it averages too.
                 validated = ({"": unwrap(model)} if average is None
                              else {"": average.module, UNAVERAGED_SUFFIX: unwrap(model)})
@@ -214,12 +259,13 @@ def train_loop_per_worker(config: dict) -> None:
             if f"val_accuracy{UNAVERAGED_SUFFIX}" in metrics:
                 validation += f" (unaveraged weights {metrics[f'val_accuracy{UNAVERAGED_SUFFIX}']:.4f})"
             print(
-                f"epoch {epoch + 1}/{train_cfg.epochs}: train loss {metrics['train_loss']:.4f} "
+                f"epoch {epoch + 1}/{epochs}: train loss {metrics['train_loss']:.4f} "
                 f"acc {metrics['train_accuracy']:.4f} | {validation} | {metrics['images_per_second']:.0f} img/s"
                 + ("" if image_size == train_images.shape[-1] else f" at {image_size} px"),
                 flush=True,
             )
-            report_state(metrics, training_state(model, optimizer, scheduler, epoch, history, scaler, average))
+            report_state(metrics, training_state(model, optimizer, scheduler, epoch, history, scaler, average)
+                         | {EPOCHS_KEY: epochs})
             print(f"checkpoint saved for epoch {epoch + 1}", flush=True)
     finally:
         if sampling:

@@ -343,6 +343,7 @@ def train_epoch(
     check_loss_each_step: bool | None = None,
     progress: Callable[[int], None] | None = None,
     graphed: GraphedStep | None = None,
+    steps: int | None = None,
 ) -> EpochResult:
     """One pass over this worker's shard: augment, forward, backward, step, per batch.
 
@@ -359,6 +360,8 @@ def train_epoch(
     `progress`, if given, is called after every batch with this worker's images so far.
     `graphed`, if given (a `GraphedStep` over `model` and `optimizer`), runs each step as a
     replayed CUDA graph; the loss is then checked at the end of the epoch.
+    `steps`, if given, ends the epoch after its first `steps` batches (resattn.budget times the
+    step so, on batches drawn from the whole set as an epoch's are).
 
     Raises NonFiniteLossError, on every worker at the same step, when the loss stops being
     finite: with `check_loss_each_step` (the default for images on a CPU, where the check costs
@@ -376,7 +379,7 @@ def train_epoch(
     count = 0
     started = time.perf_counter()
     batches = list(epoch_batches(len(labels), batch_size, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
-                                 device=images.device))
+                                 device=images.device))[:steps]
     first_bad_step = torch.full((), len(batches), dtype=torch.int64, device=device)  # len: none yet
     flips = alternating_flips(len(labels), seed, epoch, device=images.device) if alternating_flip else None
     plain_model = unwrap(model) if average is not None else None

@@ -68,6 +68,7 @@ def test_params_yaml_is_what_dvc_composes_from_conf():
         ({"train": {"gpus_per_worker": 2.0}}, "train.gpus_per_worker: Input should be less than or equal to 1"),
         ({"data": {"source": ""}}, "data.source: String should have at least 1 character"),
         ({"train": {"ema_decay": 1.0}}, "train.ema_decay: Input should be less than 1 (got 1.0)"),
+        ({"train": {"minutes": 0}}, "train.minutes: Input should be greater than 0 (got 0)"),
         ({"train": {"bn_momentum": 0.0}}, "train.bn_momentum: Input should be greater than 0 (got 0.0)"),
         ({"train": {"progressive_resizing": {"start_size": 4}}},
          "train.progressive_resizing.start_size 4 is below 8, the smallest image attention56_narrow's masks can pool; "
@@ -170,6 +171,16 @@ def test_a_tracking_password_stays_out_of_the_cluster_check():
 def test_missing_params_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_params(tmp_path / "params.yaml")
+
+
+@pytest.mark.parametrize("schedule, fewest", [({"name": "onecycle", "warmup_epochs": 1.0}, 2),
+                                               ({"name": "onecycle", "warmup_epochs": 0.5}, 1),
+                                               ({"name": "step", "milestones": [3, 4.5]}, 5),
+                                               ({"name": "cosine"}, 1)])
+def test_a_time_budget_chooses_no_fewer_epochs_than_the_schedule_runs_through(schedule, fewest):
+    """Past the warm-up and the last milestone: a count the epochs setting itself would refuse."""
+    train = parse_params({"train": {"epochs": 10, "minutes": 5.0, "schedule": schedule}}).train
+    assert train.fewest_epochs == fewest
 
 
 def test_every_section_has_valid_defaults():

@@ -262,3 +262,35 @@ def test_a_run_with_a_weight_average_validates_and_keeps_the_average(project):
     for key in kept:
         assert torch.equal(kept[key], state["weight_average"][f"module.{key}"]), key
     load_model(project / "models/model.pt")  # the file rebuilds its model
+
+
+def test_a_time_budget_trains_the_epochs_it_measured_would_fit_and_keeps_that_count(project):
+    """`train.minutes`: the worker group measures its step at every image side, trains the most
+    epochs, up to train.epochs, that fit, and says so (the log, the MLflow run, the checkpoint);
+    a rerun finds the run concluded at that count, where train.epochs names more."""
+    if not (project / "data/prepared/train.npz").exists():
+        run(["dvc", "repro", "preprocess"], project)
+    train = yaml.safe_load((project / "params.yaml").read_text())["train"]
+    cap, minutes = 200, 0.2
+    variant = params_variant(project, "budget", ray={"run_name": "budget"},
+                             train=train | {"epochs": cap, "minutes": minutes, "validate_every": 3,
+                                            "progressive_resizing": {"start_size": 24, "full_size_at": 0.5}})
+    result = run([sys.executable, "-m", "pipeline.train", "--params", variant], project)
+    assert "time budget 0.2 min: measuring the training step at 24, 28, 32 px and a validation" in result.stdout
+    chosen = re.search(rf"time budget 0.2 min: (\d+) of at most {cap} epochs fit, planned at ([\d.]+) min",
+                       result.stdout)
+    assert chosen, result.stdout
+    epochs, planned = int(chosen[1]), float(chosen[2])
+    assert 2 <= epochs < cap and planned <= minutes  # the schedule's fewest (past warm-up), and room to choose
+    state = torch.load(recorded_checkpoint(project / "ray_results", "budget") / "state.pt", weights_only=True)
+    assert state["epochs"] == epochs and len(state["history"]) == epochs
+    assert f"epoch {epochs}/{epochs}: train loss" in result.stdout
+    # The ramp was planned for the chosen count: its first half at 24 and 28 px, then 32.
+    sides = [epoch["image_size"] for epoch in state["history"]]
+    assert sides[0] == 24 and sides == sorted(sides) and abs(sides.index(32) - epochs / 2) <= 0.5
+    assert json.loads((project / "reports/train.json").read_text())["epochs"] == epochs
+    run_id = json.loads((project / "models/mlflow_run.json").read_text())["run_id"]
+    mlflow_run = MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_run(run_id)
+    assert mlflow_run.data.tags["epochs"] == str(epochs) and mlflow_run.data.params["train.minutes"] == "0.2"
+    again = run([sys.executable, "-m", "pipeline.train", "--params", variant], project)
+    assert "had already concluded; nothing to train" in again.stdout

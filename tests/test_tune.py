@@ -196,7 +196,7 @@ def test_a_tiny_sweep_killed_after_two_trials_finishes_on_restore_and_registers_
 
 
 @pytest.mark.parametrize("sweep_assignments", [[], ["profile=paper", "+model.overrides.p=2", "tune.num_samples=2"],
-                                               ["profile=hour-cpu-fp32"]])
+                                               ["profile=hour-cpu-fp32"], ["train.minutes=50"]])
 def test_the_reproduce_line_composes_the_trial_params_under_any_profile(sweep_assignments):
     resolved = compose(sweep_assignments, ROOT / "params.yaml")
     settings = parse_params(resolved).tune
@@ -204,13 +204,14 @@ def test_the_reproduce_line_composes_the_trial_params_under_any_profile(sweep_as
     line = reproduce_command(resolved, sweep_assignments, sweep_layer(settings, sampled))
     assert line.startswith("dvc exp run -S ") and "tune." not in line
     if not sweep_assignments:
-        assert line == ("dvc exp run -S train.epochs=3 -S train.num_workers=1 -S train.validate_every=1 "
-                        "-S train.optimizer.lr=0.05 -S +model.overrides.r=2")
+        assert line == ("dvc exp run -S train.epochs=3 -S train.minutes=null -S train.num_workers=1 "
+                        "-S train.validate_every=1 -S train.optimizer.lr=0.05 -S +model.overrides.r=2")
     # What `dvc exp run` composes from the line is the trial's params, sweep settings aside.
     reproduced = compose(shlex.split(line)[4::2], ROOT / "params.yaml")
     trial = trial_raw(resolved, sampled, settings)
     assert {**reproduced, "tune": None} == {**trial, "tune": None}
     assert trial["train"]["epochs"] == settings.max_epochs and trial["train"]["optimizer"]["lr"] == 0.05
+    assert trial["train"]["minutes"] is None  # trials compared at an epoch trained the same schedule
     # Whatever the profile's validation interval, Tune compares trials on every epoch.
     assert trial["train"]["validate_every"] == 1
 
