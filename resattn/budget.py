@@ -104,11 +104,12 @@ def training_seconds_per_image(
     **step_options,
 ) -> dict[int, float]:
     """Seconds per training image (all workers together) at each of `sides`: `steps` steps of
-    the run's own step, `train_epoch` on the first batches of `images`, timed after the warm-up
-    (`WARMUP_STEPS`; with `graphed`, as many as a CUDA graph's capture takes). `model` is what
-    trains (a DDP or compiled wrapper too; the plain model with `graphed`), with an optimizer and
-    schedule from `optimizer_and_scheduler` (thrown away after), a weight average if `ema_decay`
-    is set, and `step_options` (train_epoch's other keyword arguments, as the run gives them).
+    the run's own step, `train_epoch` cut short on batches drawn from all of `images`, timed
+    after the warm-up (`WARMUP_STEPS`; with `graphed`, as many as a CUDA graph's capture takes).
+    `model` is what trains (a DDP or compiled wrapper too; the plain model with `graphed`), with
+    an optimizer and schedule from `optimizer_and_scheduler` (thrown away after), a weight average
+    if `ema_decay` is set, and `step_options` (train_epoch's other keyword arguments, as the run
+    gives them).
     `batch_size` is per worker, as train_epoch takes it. The weights, batch-norm statistics and
     torch's random state are restored afterwards: training starts from where it would have
     without the measuring. Every worker returns the slowest worker's figures."""
@@ -151,13 +152,12 @@ def validation_seconds(model: nn.Module, images: torch.Tensor, labels: torch.Ten
 
 def measure_rates(model: nn.Module, optimizer_and_scheduler: Callable, images: torch.Tensor, labels: torch.Tensor,
                   val_images: torch.Tensor, val_labels: torch.Tensor, norm: Normalization, *, eval_batch_size: int,
-                  channels_last: bool = False, **training_options) -> MeasuredRates:
-    """A run's rates: `training_seconds_per_image` (`training_options`: its keyword arguments)
-    and a validation of this worker's `val_images` with the plain model."""
-    training = training_seconds_per_image(model, optimizer_and_scheduler, images, labels, norm,
-                                          channels_last=channels_last, **training_options)
-    validation = validation_seconds(unwrap(model), val_images, val_labels, norm, batch_size=eval_batch_size,
-                                    channels_last=channels_last,
-                                    **{key: training_options[key] for key in ("device", "autocast_dtype")
-                                       if key in training_options})
+                  device: torch.device = torch.device("cpu"), channels_last: bool = False,
+                  autocast_dtype: torch.dtype | None = None, **training_options) -> MeasuredRates:
+    """A run's rates: `training_seconds_per_image` (`training_options`: its other keyword
+    arguments) and a validation of this worker's `val_images` with the plain model."""
+    shared = dict(device=device, channels_last=channels_last, autocast_dtype=autocast_dtype)
+    training = training_seconds_per_image(model, optimizer_and_scheduler, images, labels, norm, **shared,
+                                          **training_options)
+    validation = validation_seconds(unwrap(model), val_images, val_labels, norm, batch_size=eval_batch_size, **shared)
     return MeasuredRates(training, validation)
