@@ -13,6 +13,7 @@ checkpoint.
 from __future__ import annotations
 
 import functools
+import itertools
 import time
 from collections.abc import Callable
 
@@ -25,20 +26,25 @@ from torch import nn
 from pipeline.checkpoints import EPOCHS_KEY, load_resumable_state, report_state
 from pipeline.config import Params, TrainConfig
 from pipeline.tracking import start_system_metrics, stop_system_metrics, tag_run
-from resattn.budget import ImageSide, epochs_within, image_sides, measure_rates, planned_seconds
+from resattn.budget import (ImageSide, epochs_within, fitting_epochs, image_sides, measure_rates, planned_seconds,
+                            trains_alike)
 from resattn.cifar10 import Split
 from resattn.data import Normalization, progressive_image_size, to_tensor_nchw
 from resattn.training import (
+    EpochResult,
     GraphedStep,
     NonFiniteLossError,
     autocast_dtype,
     broadcast_buffers,
     evaluate,
+    global_minima,
     global_sums,
     grad_scaler,
     optimizer_and_scheduler,
     precision_name,
+    reschedule,
     restore_training_state,
+    schedule_factor,
     train_epoch,
     training_model,
     training_state,
@@ -93,12 +99,13 @@ def report_divergence(reason: str, epoch: int, rank: int, history: list[dict]) -
 
 
 def epochs_in_budget(train_cfg: TrainConfig, model: nn.Module, throwaway_optimizer: Callable, image_side: ImageSide,
-                     images_per_epoch: int, train_images: torch.Tensor, train_labels: torch.Tensor,
+                     steps_per_epoch: int, train_images: torch.Tensor, train_labels: torch.Tensor,
                      val_images: torch.Tensor, val_labels: torch.Tensor, norm: Normalization, *,
                      per_worker_batch: int, rank: int, world_size: int, device: torch.device,
-                     precision: torch.dtype | None) -> int:
+                     precision: torch.dtype | None) -> tuple[int, Callable[[EpochResult], int]]:
     """The most epochs, up to train.epochs, that fit train.minutes at the rates this worker
-    group measures now (resattn.budget); every worker gets the same count."""
+    group measures now (resattn.budget), and the correction of that count from the first
+    epoch's own time; every worker gets the same counts."""
     fewest, most = train_cfg.fewest_epochs, train_cfg.epochs
     sides = image_sides(image_side, fewest, most)
     if rank == 0:
@@ -111,14 +118,37 @@ def epochs_in_budget(train_cfg: TrainConfig, model: nn.Module, throwaway_optimiz
         rank=rank, world_size=world_size, device=device, channels_last=train_cfg.channels_last,
         autocast_dtype=precision, label_smoothing=train_cfg.label_smoothing, alternating_flip=train_cfg.alternating_flip,
         scaler=grad_scaler(device, precision), graphed=train_cfg.cuda_graphs)
-    plan = dict(images_per_epoch=images_per_epoch, image_side=image_side, validate_every=train_cfg.validate_every,
-                models_validated=2 if train_cfg.ema_decay else 1)
+    plan = dict(images_per_epoch=steps_per_epoch * per_worker_batch * world_size, image_side=image_side,
+                validate_every=train_cfg.validate_every, models_validated=2 if train_cfg.ema_decay else 1)
     epochs = epochs_within(train_cfg.minutes, rates, fewest=fewest, most=most, **plan)
     if rank == 0:
         print(f"time budget {train_cfg.minutes:g} min: {epochs} of at most {most} epochs fit, planned at "
               f"{planned_seconds(epochs, rates, **plan) / 60:.1f} min (measured in {time.monotonic() - started:.0f} s: "
               f"{rates.describe()})", flush=True)
-    return epochs
+
+    def after_first_epoch(result: EpochResult) -> int:
+        """The count again, at the rates scaled to the first epoch's, among the counts whose
+        first epoch trains as this one did (with a warm-up over the whole epoch, any)."""
+        side = image_side(0, epochs)
+        # The worker that started the epoch last waited for no other at its first step: rank 0
+        # tags the MLflow run first, which made the others' first epoch of a tiny run 2.5x long.
+        seconds_per_image = global_minima(result.seconds, device=device)[0] / result.images
+        calibrated = rates.calibrated(side, seconds_per_image)
+        factors = {count: schedule_factor(train_cfg.schedule.model_dump(), count, steps_per_epoch)
+                   for count in range(fewest, most + 1)}
+        alike = [count for count in factors if trains_alike(
+            epochs, count, epochs_done=1, steps_per_epoch=steps_per_epoch, image_side=image_side,
+            validate_every=train_cfg.validate_every, lr_factor=lambda step, total: factors[total](step))]
+        corrected = max(fitting_epochs(train_cfg.minutes, calibrated, alike, **plan), default=min(alike))
+        if rank == 0:
+            print(f"time budget {train_cfg.minutes:g} min: epoch 1 trained at {1 / seconds_per_image:.0f} img/s at "
+                  f"{side} px against {1 / rates.seconds_per_image[side]:.0f} measured: {corrected} epochs, planned "
+                  f"at {planned_seconds(corrected, calibrated, **plan) / 60:.1f} min"
+                  + (" (no other count trains its first epoch alike: the count stays)" if alike == [epochs] else ""),
+                  flush=True)
+        return corrected
+
+    return epochs, after_first_epoch
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -169,13 +199,14 @@ def train_loop_per_worker(config: dict) -> None:
     if state is not None and "diverged" in state:
         report_divergence(state["diverged"], state["epoch"], rank, state["history"])
         return
+    correct_budget = None
     if state is not None:  # the count the run started with, whatever a budget would choose now
         epochs = state.get(EPOCHS_KEY, train_cfg.epochs)
     elif train_cfg.minutes:
-        epochs = epochs_in_budget(train_cfg, model, functools.partial(recipe_optimizer, train_cfg.epochs),
-                                  image_side, total_images, train_images, train_labels, val_images, val_labels, norm,
-                                  per_worker_batch=per_worker_batch, rank=rank, world_size=world_size, device=device,
-                                  precision=precision)
+        epochs, correct_budget = epochs_in_budget(
+            train_cfg, model, functools.partial(recipe_optimizer, train_cfg.epochs), image_side, steps_per_epoch,
+            train_images, train_labels, val_images, val_labels, norm, per_worker_batch=per_worker_batch, rank=rank,
+            world_size=world_size, device=device, precision=precision)
     else:
         epochs = train_cfg.epochs
     optimizer, scheduler = recipe_optimizer(epochs)
@@ -202,7 +233,9 @@ def train_loop_per_worker(config: dict) -> None:
               flush=True)
     sampling = rank == 0 and start_system_metrics(config["tracking_uri"], config["run_id"])
     try:
-        for epoch in range(start_epoch, epochs):
+        for epoch in itertools.count(start_epoch):
+            if epoch >= epochs:  # read each time: a time budget may correct the count after the first epoch
+                break
             epoch_started = time.monotonic()
             last_print = [epoch_started]
 
@@ -225,6 +258,11 @@ def train_loop_per_worker(config: dict) -> None:
             except NonFiniteLossError as error:
                 report_divergence(str(error), epoch, rank, history)
                 return
+            if correct_budget is not None and epoch == 0 and (corrected := correct_budget(result)) != epochs:
+                epochs = corrected
+                reschedule(scheduler, schedule_factor(train_cfg.schedule.model_dump(), epochs, steps_per_epoch))
+                if rank == 0:
+                    tag_run(config["tracking_uri"], config["run_id"], {"epochs": str(epochs)})
             metrics = {"epoch": epoch + 1, "train_loss": result.loss, "train_accuracy": result.accuracy}
             if validates_after(epoch, epochs, train_cfg.validate_every):
                 # What the model file keeps; beside a weight average, the weights it averages too.

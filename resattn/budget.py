@@ -3,10 +3,12 @@ side, then train the most epochs whose predicted time fits (`train.minutes`).
 
 One profile cannot name an epoch count that fills an hour everywhere: the same Attention-56
 recipe trained 34 epochs in 92.5 minutes on a 2-core Zen 4 and in 49-54 on a 2-core Zen 5
-(BENCHMARKS.md). The rates are measured once, before training, and the count is then fixed, so
-the learning-rate schedule and the progressive-resizing ramp are planned for the whole run, a
-run resumed from a checkpoint keeps the count it started with, and `train.epochs=N` reproduces
-the run exactly on any machine.
+(BENCHMARKS.md). The rates are measured before training and the count chosen from them; the
+first epoch, timed in the run itself, corrects it once, where that epoch trains the same for
+every count (a warm-up over the whole epoch: `trains_alike`). From then on the count is fixed,
+so the learning-rate schedule and the progressive-resizing ramp are planned for the whole run,
+a run resumed from a checkpoint keeps the count it has, and `train.epochs=N` reproduces the
+run exactly on any machine.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from resattn.data import Normalization
 from resattn.training import (
     GraphedStep,
     evaluate,
+    global_maxima,
     train_epoch,
     unwrap,
     validates_after,
@@ -48,6 +51,14 @@ class MeasuredRates:
         sides = ", ".join(f"{side} px {1 / seconds:.0f} img/s" for side, seconds in sorted(self.seconds_per_image.items()))
         return f"{sides}; a validation {self.validation_seconds:.1f} s"
 
+    def calibrated(self, side: int, seconds_per_image: float) -> MeasuredRates:
+        """These rates scaled alike so that `side` trains at `seconds_per_image`, as an epoch of
+        the run itself did: the step timed before training ran 5-28% slower than the epochs at
+        each side on one 2-core CPU, by a similar factor at every side (BENCHMARKS.md)."""
+        factor = seconds_per_image / self.seconds_per_image[side]
+        return MeasuredRates({each: seconds * factor for each, seconds in self.seconds_per_image.items()},
+                             self.validation_seconds * factor)
+
 
 def image_sides(image_side: ImageSide, fewest: int, most: int) -> list[int]:
     """Every side some epoch trains at, for any epoch count from `fewest` to `most`."""
@@ -63,10 +74,15 @@ def planned_seconds(epochs: int, rates: MeasuredRates, *, images_per_epoch: int,
     return training + validations * models_validated * rates.validation_seconds
 
 
+def fitting_epochs(minutes: float, rates: MeasuredRates, counts: Iterable[int], **plan) -> list[int]:
+    """Those of `counts` whose `planned_seconds` (`plan`: its keyword arguments) fit `minutes`."""
+    return [epochs for epochs in counts if planned_seconds(epochs, rates, **plan) <= minutes * 60]
+
+
 def epochs_within(minutes: float, rates: MeasuredRates, *, fewest: int, most: int, **plan) -> int:
     """The most epochs, from `fewest` to `most`, that `planned_seconds` fits in `minutes`
     (`plan`: its keyword arguments). ValueError when not even `fewest` fit, naming their time."""
-    fitting = [epochs for epochs in range(fewest, most + 1) if planned_seconds(epochs, rates, **plan) <= minutes * 60]
+    fitting = fitting_epochs(minutes, rates, range(fewest, most + 1), **plan)
     if not fitting:
         needed = planned_seconds(fewest, rates, **plan) / 60
         raise ValueError(
@@ -76,12 +92,18 @@ def epochs_within(minutes: float, rates: MeasuredRates, *, fewest: int, most: in
     return max(fitting)
 
 
-def _slowest(seconds: float, device: torch.device) -> float:
-    """The largest of every worker's `seconds`: the workers step together, at the slowest's pace."""
-    value = torch.tensor([seconds], dtype=torch.float64, device=device)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-    return value.item()
+def trains_alike(epochs: int, other: int, *, epochs_done: int, steps_per_epoch: int,
+                 lr_factor: Callable[[int, int], float], image_side: ImageSide, validate_every: int = 1) -> bool:
+    """Whether a run of `other` epochs trains its first `epochs_done` epochs exactly as a run of
+    `epochs` does: each at the same image side, validated alike, and the same learning-rate factor
+    (`lr_factor(step, epochs)`) at every step, the next one's included. A run of `epochs` that
+    has trained them can then become a run of `other` (its schedule rebuilt for `other`:
+    resattn.training.reschedule) and still be the run `train.epochs=other` trains from scratch."""
+    return (all(image_side(epoch, epochs) == image_side(epoch, other)
+                and validates_after(epoch, epochs, validate_every) == validates_after(epoch, other, validate_every)
+                for epoch in range(epochs_done))
+            and all(lr_factor(step, epochs) == lr_factor(step, other)
+                    for step in range(epochs_done * steps_per_epoch + 1)))
 
 
 def training_seconds_per_image(
@@ -131,7 +153,8 @@ def training_seconds_per_image(
                         steps=warmup_steps, **common)
             result = train_epoch(model, optimizer, scheduler, images, labels, norm, image_size=side, epoch=1,
                                  steps=steps, **common)
-            seconds_per_image[side] = _slowest(result.seconds, device) / result.images
+            # The workers step together, at the slowest's pace.
+            seconds_per_image[side] = global_maxima(result.seconds, device=device)[0] / result.images
     finally:
         unwrap(model).load_state_dict(weights)
         torch.set_rng_state(random_state)
@@ -147,7 +170,7 @@ def validation_seconds(model: nn.Module, images: torch.Tensor, labels: torch.Ten
     started = time.perf_counter()
     evaluate(model, images[:timed], labels[:timed], norm, batch_size=batch_size, **evaluate_options)
     device = evaluate_options.get("device", torch.device("cpu"))
-    return _slowest((time.perf_counter() - started) * len(labels) / max(timed, 1), device)
+    return global_maxima((time.perf_counter() - started) * len(labels) / max(timed, 1), device=device)[0]
 
 
 def measure_rates(model: nn.Module, optimizer_and_scheduler: Callable, images: torch.Tensor, labels: torch.Tensor,

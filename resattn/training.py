@@ -138,6 +138,15 @@ def build_scheduler(optimizer: torch.optim.Optimizer, **factor_kwargs) -> torch.
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, **factor_kwargs))
 
 
+def schedule_factor(schedule: dict, epochs: int, steps_per_epoch: int) -> Callable[[int], float]:
+    """`lr_factor` at each optimizer step of a recipe's `train.schedule` section (as params.yaml
+    spells it) over `epochs` epochs of `steps_per_epoch` steps."""
+    steps = dict(total_steps=steps_per_epoch * epochs, schedule=schedule["name"],
+                 warmup_steps=round(schedule["warmup_epochs"] * steps_per_epoch),
+                 milestones=[round(m * steps_per_epoch) for m in schedule["milestones"]], gamma=schedule["gamma"])
+    return lambda step: lr_factor(step, **steps)
+
+
 def optimizer_and_scheduler(model: nn.Module, optimizer: dict, schedule: dict, epochs: int, steps_per_epoch: int,
                             *, capturable: bool = False
                             ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
@@ -145,15 +154,15 @@ def optimizer_and_scheduler(model: nn.Module, optimizer: dict, schedule: dict, e
     sections (as params.yaml spells them), its epochs turned into optimizer steps."""
     settings = dict(optimizer)
     built = build_optimizer(model, settings.pop("name"), settings.pop("lr"), capturable=capturable, **settings)
-    scheduler = build_scheduler(
-        built,
-        total_steps=steps_per_epoch * epochs,
-        schedule=schedule["name"],
-        warmup_steps=round(schedule["warmup_epochs"] * steps_per_epoch),
-        milestones=[round(m * steps_per_epoch) for m in schedule["milestones"]],
-        gamma=schedule["gamma"],
-    )
-    return built, scheduler
+    return built, torch.optim.lr_scheduler.LambdaLR(built, schedule_factor(schedule, epochs, steps_per_epoch))
+
+
+def reschedule(scheduler: torch.optim.lr_scheduler.LambdaLR, factor: Callable[[int], float]) -> None:
+    """Let `scheduler` go on from the step it is at with `factor` (`schedule_factor` for another
+    epoch count). Only where the steps taken and the next one have the same factor under both
+    (resattn.budget.trains_alike) is the run then the one a schedule built for the new count
+    trains: the learning rate already set for the next step is the old factor's."""
+    scheduler.lr_lambdas = [factor] * len(scheduler.lr_lambdas)
 
 
 @dataclass
@@ -183,12 +192,26 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def _all_reduced(values: tuple[float, ...], device: torch.device, op: dist.ReduceOp) -> list[float]:
+    reduced = torch.tensor(values, dtype=torch.float64, device=device)
+    if _distributed():
+        dist.all_reduce(reduced, op=op)
+    return reduced.tolist()
+
+
 def global_sums(*values: float, device: torch.device) -> list[float]:
     """`values` summed over every worker of the process group (as they are without one)."""
-    totals = torch.tensor(values, dtype=torch.float64, device=device)
-    if _distributed():
-        dist.all_reduce(totals)
-    return totals.tolist()
+    return _all_reduced(values, device, dist.ReduceOp.SUM)
+
+
+def global_maxima(*values: float, device: torch.device) -> list[float]:
+    """The largest of every worker's `values` (as they are without a process group)."""
+    return _all_reduced(values, device, dist.ReduceOp.MAX)
+
+
+def global_minima(*values: float, device: torch.device) -> list[float]:
+    """The smallest of every worker's `values` (as they are without a process group)."""
+    return _all_reduced(values, device, dist.ReduceOp.MIN)
 
 
 def broadcast_buffers(module: nn.Module) -> None:

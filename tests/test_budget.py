@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from resattn import create_model
-from resattn.budget import MeasuredRates, epochs_within, image_sides, measure_rates, planned_seconds
+from resattn.budget import (MeasuredRates, epochs_within, fitting_epochs, image_sides, measure_rates, planned_seconds,
+                            trains_alike)
 from resattn.data import Normalization, progressive_image_size
-from resattn.training import build_optimizer, build_scheduler, train_epoch
+from resattn.training import build_optimizer, build_scheduler, schedule_factor, train_epoch
 
 NORM = Normalization((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 # 16 px steps twice as fast as 32 px; a validation costs 10 s.
@@ -45,6 +46,40 @@ def test_a_budget_too_small_for_the_schedule_says_what_it_would_need():
     assert "the fewest epochs the schedule allows (2) would train for 0.4 min" in message
     assert "16 px 1000 img/s" in message and "32 px 500 img/s" in message
     assert "give train.minutes 0.4 or more" in message
+
+
+def test_the_first_epochs_time_scales_every_sides_rate_and_the_validation_alike():
+    # The 16 px epoch trained 25% faster than its step was measured: so does every side.
+    calibrated = RATES.calibrated(16, 0.00075)
+    assert calibrated.seconds_per_image == pytest.approx({16: 0.00075, 20: 0.001125, 24: 0.001125, 28: 0.001125,
+                                                          32: 0.0015})
+    assert calibrated.validation_seconds == pytest.approx(7.5)
+    # 9 s an epoch with its validation instead of 12: 66 s now hold 7 of them.
+    assert fitting_epochs(1.1, calibrated, range(1, 31), **FULL_SIZE_ONLY) == list(range(1, 8))
+    assert fitting_epochs(1.1, calibrated, [2, 9, 5], **FULL_SIZE_ONLY) == [2, 5]
+
+
+def test_a_count_replaces_the_planned_one_only_where_its_first_epoch_trains_alike():
+    """After the first epoch a budget may change the count only to one whose run would have
+    trained that epoch, and set the next step's learning rate, exactly so: a run of the new
+    count from scratch (train.epochs=N) is then the same run."""
+    ramp = functools.partial(progressive_image_size, full_size=32, start_size=12, full_size_at=0.7)
+
+    def alike(planned: int, counts: range, validate_every: int = 3, **schedule) -> list[int]:
+        factors = {count: schedule_factor(dict(name="onecycle", milestones=[], gamma=0.1) | schedule, count, 10)
+                   for count in {*counts, planned}}
+        return [count for count in counts if trains_alike(
+            planned, count, epochs_done=1, steps_per_epoch=10, image_side=ramp, validate_every=validate_every,
+            lr_factor=lambda step, total: factors[total](step))]
+
+    # A warm-up over the whole first epoch: its steps and the next rise to the peak alike for any count.
+    assert alike(20, range(2, 35), warmup_epochs=1.0) == list(range(2, 35))
+    # A shorter warm-up (or none): the decay starts within the first epoch, at a slope each count sets.
+    assert alike(20, range(2, 35), warmup_epochs=0.5) == [20]
+    assert alike(20, range(2, 35), warmup_epochs=0.0) == [20]
+    # One epoch is its own last, so it is validated where the others are not.
+    assert alike(20, range(1, 4), warmup_epochs=1.0) == [2, 3]
+    assert alike(20, range(1, 4), warmup_epochs=1.0, validate_every=1) == [1, 2, 3]
 
 
 def test_the_sides_to_measure_are_every_side_any_allowed_count_trains_at():

@@ -18,11 +18,17 @@ from resattn.training import (
     autocast_dtype,
     build_optimizer,
     build_scheduler,
+    global_maxima,
+    global_minima,
+    global_sums,
     grad_scaler,
     lr_factor,
+    optimizer_and_scheduler,
     parameter_groups,
     precision_name,
+    reschedule,
     restore_training_state,
+    schedule_factor,
     train_epoch,
     trained_weights,
     validates_after,
@@ -129,6 +135,33 @@ def test_a_recipes_model_has_its_arguments_bn_momentum_and_memory_format_and_the
     plain = create_model("attention56_tiny", num_classes=7)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), plain.state_dict().values()))
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 7)
+
+
+def test_a_schedule_rebuilt_for_another_count_after_its_warm_up_goes_on_as_one_built_for_it():
+    """What a time budget's correction after the first epoch relies on (resattn.budget)."""
+    schedule = dict(name="onecycle", warmup_epochs=1.0, milestones=[], gamma=0.1)
+    settings = dict(name="sgd", lr=0.2, weight_decay=5e-4)
+
+    def rates(epochs: int, rebuilt_for: int | None = None) -> list[float]:
+        optimizer, scheduler = optimizer_and_scheduler(torch.nn.Linear(2, 2), settings, schedule, epochs, 5)
+        seen = []
+        for step in range(5 * (rebuilt_for or epochs)):
+            seen.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+            if step == 4 and rebuilt_for:  # the first epoch's last step
+                reschedule(scheduler, schedule_factor(schedule, rebuilt_for, 5))
+        return seen
+
+    assert rates(3, rebuilt_for=6) == rates(6)
+    assert rates(6, rebuilt_for=3) == rates(3)
+    assert rates(3) != rates(6)[:15]
+
+
+def test_without_a_process_group_the_global_sums_and_extremes_are_the_values():
+    cpu = torch.device("cpu")
+    assert global_sums(1.5, 2.0, device=cpu) == global_maxima(1.5, 2.0, device=cpu) == [1.5, 2.0]
+    assert global_minima(3.0, device=cpu) == [3.0]
 
 
 def _setup():
