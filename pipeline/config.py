@@ -128,8 +128,9 @@ class TrainConfig(Section):
     minutes: float | None = Field(
         None, gt=0, description="a time budget for the training loop (epochs and validations; not start-up, "
                                 "checkpoints or evaluation): the rates of this machine's step are measured at every "
-                                "image side first, then the run trains the most epochs, up to `epochs`, that fit "
-                                "(resattn.budget). Sweep trials train their epoch budget instead")
+                                "image side first, then the run trains the most epochs, up to `epochs`, that fit; "
+                                "the first epoch's own time corrects the count once (resattn.budget). Sweep "
+                                "trials train their epoch budget instead")
     batch_size: int = Field(128, ge=2, description="global: split evenly across workers")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     ema_decay: float = Field(0.0, ge=0, lt=1, description="0: off; else a moving average of the weights and BN "
