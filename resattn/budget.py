@@ -53,8 +53,9 @@ class MeasuredRates:
 
     def calibrated(self, side: int, seconds_per_image: float) -> MeasuredRates:
         """These rates scaled alike so that `side` trains at `seconds_per_image`, as an epoch of
-        the run itself did: the step timed before training ran 5-28% slower than the epochs at
-        each side on one 2-core CPU, by a similar factor at every side (BENCHMARKS.md)."""
+        the run itself did: the step timed before training missed the epochs' rates by 8-25% on
+        a 2-core Zen 4 (12-22% slow at every side in one run) and by under 5% on a 2-core Xeon,
+        where two starts measured 6% apart (BENCHMARKS.md)."""
         factor = seconds_per_image / self.seconds_per_image[side]
         return MeasuredRates({each: seconds * factor for each, seconds in self.seconds_per_image.items()},
                              self.validation_seconds * factor)
